@@ -1,0 +1,1 @@
+"""RAN building blocks and the full network."""
