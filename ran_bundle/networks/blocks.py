@@ -86,9 +86,7 @@ def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
-def warp(
-    image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
     """Warp ``image`` by a voxel DDF: ``out(x) = image(x + ddf(x))``.
 
     The same convention as MONAI's :class:`monai.networks.blocks.Warp` (``grid_sample`` with
@@ -384,9 +382,7 @@ class ResidualAligner(nn.Module):
         other = swap_streams(self.resample(features))
         if previous_ddf is not None:
             other = warp(other, previous_ddf)
-        residual, attribute, feature_attribute = self.regress(
-            self.norm_features(features), self.norm_warped(other)
-        )
+        residual, attribute, feature_attribute = self.regress(self.norm_features(features), self.norm_warped(other))
 
         fusion_in = attribute if previous_theta is None else torch.cat([attribute, previous_theta], dim=1)
         theta = shared.attribute_fusion(self.act(self.norm_fusion(self.attribute_fusion(fusion_in))))

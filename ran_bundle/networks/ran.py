@@ -190,9 +190,7 @@ class ResidualAlignerNetwork(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         if x.shape[1] != 2 * self.in_channels:
-            raise ValueError(
-                f"expected moving and fixed stacked as {2 * self.in_channels} channels, got {x.shape[1]}"
-            )
+            raise ValueError(f"expected moving and fixed stacked as {2 * self.in_channels} channels, got {x.shape[1]}")
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"each spatial size must be at least {self.min_size}, got {tuple(x.shape[2:])}")
 
@@ -207,8 +205,10 @@ class ResidualAlignerNetwork(nn.Module):
         grids = [streams] + skips  # item e: a tensor on the grid of pool size 2**e
 
         exponents = self.exponents
-        first = [resize_nearest_like(skips[i], grids[exponents[0]], 2 ** (i + 1 - exponents[0]))
-                 for i in self.first_skip_levels]
+        first = [
+            resize_nearest_like(skips[i], grids[exponents[0]], 2 ** (i + 1 - exponents[0]))
+            for i in self.first_skip_levels
+        ]
         features = self.decoder_blocks[0](torch.cat(first, dim=1))
         features, ddf, theta = self.aligners[0](features, None, None)
         for k in range(1, len(self.aligners)):
@@ -225,7 +225,7 @@ class ResidualAlignerNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2, *S)`` moving and fixed -> DDF ``(B, d, *S)`` on the fixed grid, in voxels."""
         ddf = self._both_directions(x)
-        return ddf[x.shape[0]:]
+        return ddf[x.shape[0] :]
 
     def register(self, x: torch.Tensor) -> RegistrationOutput:
         """Both DDFs and the warped moving image for ``x`` ``(B, 2, *S)``; see :class:`RegistrationOutput`."""
