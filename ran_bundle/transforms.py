@@ -1,0 +1,265 @@
+"""MONAI dictionary pipelines for registration pairs.
+
+Keys: ``"moving_image"``, ``"fixed_image"``, ``"moving_label"``, ``"fixed_label"`` (see
+:mod:`ran_bundle.data`). Every output is a ``MetaTensor`` ``(1, *spatial)`` whose ``.affine`` (RAS,
+voxel-to-world) follows every spatial step (reorientation, resampling, padding, cropping), so the
+predicted DDF can be written in world space with :mod:`ran_bundle.fields`.
+
+Pipeline of :func:`registration_transforms`:
+
+1. ``LoadImaged`` (any ITK/NIfTI file) + ``EnsureChannelFirstd``.
+2. ``Orientationd("RAS")``.
+3. ``Spacingd(spacing)`` when ``spacing`` is given: bilinear for images, nearest for labels.
+4. Intensity (images only): ``"ct"``: window [-100, 300] HU -> [0, 1], clipped (the paper);
+   ``"mr"``: percentiles 0.5..99.5 of each image -> [0, 1], clipped; ``"none"``: unchanged.
+5. One common shape for moving and fixed (the network needs identical, divisible sizes):
+
+   * ``spatial_size`` given: centre pad/crop every key to it (``ResizeWithPadOrCropd``);
+   * otherwise (:class:`PadToCommonShaped`): every key is centre-padded with zeros to the
+     element-wise maximum of the moving and fixed shapes (and of ``roi_size`` in train mode),
+     rounded up to a multiple of ``divisible_k``. Nothing is cropped away.
+
+6. Train mode only: a random crop of ``roi_size`` at the **same** location in all four keys
+   (one ``RandSpatialCropd`` over all keys draws one location), then the pair intensity scaling
+   of the authors' released code (``utils.real_data_generator``, not described in the paper
+   text): both images of a pair are multiplied by one shared random factor ``1 + s``,
+   ``s ~ U(-intensity_scale, intensity_scale)`` (default 0.2, so train intensities lie in
+   [0, 1.2]; ``intensity_scale=0`` disables it).
+7. ``EnsureTyped``: images float32; labels float32 holding integer values (nearest neighbour is
+   used for labels everywhere, so no new label values appear).
+
+The network does not read affines: it aligns the voxel arrays, so moving and fixed are expected
+to be roughly aligned in array space (same orientation after step 2; Learn2Reg data are
+pre-aligned and share one grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Pad,
+    RandScaleIntensityd,
+    RandSpatialCropd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+from monai.transforms.inverse import InvertibleTransform
+
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "PAIR_KEYS",
+    "CT_WINDOW",
+    "RequireKeysd",
+    "PadToCommonShaped",
+    "registration_transforms",
+]
+
+IMAGE_KEYS = ("moving_image", "fixed_image")
+LABEL_KEYS = ("moving_label", "fixed_label")
+PAIR_KEYS = IMAGE_KEYS + LABEL_KEYS
+CT_WINDOW = (-100.0, 300.0)
+_MODES = ("train", "eval", "infer")
+_INTENSITY = ("ct", "mr", "none")
+
+
+class RequireKeysd(MapTransform):
+    """Raise a clear ``KeyError`` when a required key is missing from the data dict (identity otherwise)."""
+
+    def __init__(self, keys: KeysCollection, hint: str = "") -> None:
+        super().__init__(keys)
+        self.hint = hint
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        missing = [k for k in self.keys if k not in data or data[k] is None]
+        if missing:
+            raise KeyError(f"pair dict is missing {missing} (has {sorted(map(str, data))}). {self.hint}".strip())
+        return data
+
+
+class PadToCommonShaped(MapTransform, InvertibleTransform):
+    """Zero-pad all keys (centred) to one common spatial shape divisible by ``k``.
+
+    Target shape = ceil(max over keys of each spatial size, and of ``min_size``, / k) * k.
+    Padding uses :class:`monai.transforms.Pad` (zeros), so ``MetaTensor`` affines are updated and the
+    operation is invertible (``Invertd``).
+
+    Args:
+        keys: keys to pad (missing keys are skipped with ``allow_missing_keys``).
+        k: divisor of every output spatial size.
+        min_size: optional minimal spatial size (e.g. the train crop size).
+        allow_missing_keys: skip keys that are absent.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        k: int | Sequence[int] = 16,
+        min_size: Sequence[int] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.k = k
+        self.min_size = None if min_size is None else tuple(int(s) for s in min_size)
+        self.padder = Pad(mode="constant")  # one instance: MONAI's inverse checks the transform's id
+
+    def target_shape(self, shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+        """Common padded shape of the given spatial shapes."""
+        nd = len(shapes[0])
+        if any(len(s) != nd for s in shapes):
+            raise ValueError(f"images have different numbers of spatial dims: {shapes}.")
+        mx = np.max(np.asarray(shapes), axis=0)
+        if self.min_size is not None:
+            mx = np.maximum(mx, np.asarray(self.min_size))
+        ks = np.broadcast_to(np.asarray(self.k), (nd,))
+        return tuple(int(v) for v in np.ceil(mx / ks).astype(int) * ks)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        target = self.target_shape([tuple(d[key].shape[1:]) for key in keys])
+        for key in keys:
+            diff = [t - s for t, s in zip(target, d[key].shape[1:], strict=True)]
+            # centred, like SpatialPad(method="symmetric"): the odd voxel goes to the end
+            to_pad = [(0, 0)] + [(v // 2, v - v // 2) for v in diff]
+            d[key] = self.padder(d[key], to_pad=to_pad)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.padder.inverse(d[key])
+        return d
+
+
+def _check_size(name: str, size: Sequence[int] | None, k: int) -> tuple[int, ...] | None:
+    if size is None:
+        return None
+    size = tuple(int(s) for s in size)
+    if any(s <= 0 or s % k for s in size):
+        raise ValueError(f"{name}={size}: every entry must be a positive multiple of divisible_k={k}.")
+    return size
+
+
+def registration_transforms(
+    mode: str = "train",
+    spacing: Sequence[float] | None = (2.0, 2.0, 2.0),
+    intensity: str = "ct",
+    spatial_size: Sequence[int] | None = None,
+    roi_size: Sequence[int] | None = (128, 128, 128),
+    divisible_k: int = 16,
+    with_labels: bool = True,
+    intensity_scale: float = 0.2,
+    ct_window: Sequence[float] = CT_WINDOW,
+    mr_percentiles: Sequence[float] = (0.5, 99.5),
+    reader: str | None = None,
+) -> Compose:
+    """Preprocessing of a (moving, fixed[, labels]) pair dict, as a MONAI ``Compose``.
+
+    Steps and the shape rule are in the module docstring. Output: ``(1, *spatial)`` float32
+    ``MetaTensor`` per key, moving and fixed of identical spatial shape, each size divisible by
+    ``divisible_k`` (train: exactly ``roi_size``; with ``spatial_size``: exactly it).
+
+    Args:
+        mode: ``"train"`` (random shared crop + pair intensity scaling), ``"eval"`` (full images,
+            labels required when ``with_labels``) or ``"infer"`` (full images, labels loaded only
+            when present in the dict).
+        spacing: target voxel size in mm (e.g. ``(2, 2, 2)`` like Learn2Reg abdomen CT), or None
+            to keep each image's grid.
+        intensity: ``"ct"``, ``"mr"`` or ``"none"``.
+        spatial_size: fixed output size (centre pad/crop) instead of the common-shape rule.
+        roi_size: train crop size (ignored in eval/infer); None = no crop.
+        divisible_k: every output size is a multiple of it (16 for RAN's 4 poolings).
+        with_labels: also load and transform ``moving_label``/``fixed_label`` (nearest neighbour).
+        intensity_scale: half-width of the shared multiplicative intensity augmentation (train).
+        ct_window: HU window mapped to [0, 1] for ``intensity="ct"``.
+        mr_percentiles: lower/upper percentiles mapped to [0, 1] for ``intensity="mr"``.
+        reader: optional MONAI reader name for ``LoadImaged`` (e.g. ``"ITKReader"``, ``"NibabelReader"``).
+
+    Raises:
+        ValueError: bad ``mode``/``intensity``/sizes (before any data is read).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+    if intensity not in _INTENSITY:
+        raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}.")
+    if int(divisible_k) < 1:
+        raise ValueError(f"divisible_k must be >= 1, got {divisible_k}.")
+    k = int(divisible_k)
+    spatial_size = _check_size("spatial_size", spatial_size, k)
+    roi = _check_size("roi_size", roi_size, k) if mode == "train" else None
+    if spacing is not None and any(float(s) <= 0 for s in spacing):
+        raise ValueError(f"spacing must be positive, got {spacing}.")
+    if intensity_scale < 0:
+        raise ValueError(f"intensity_scale must be >= 0, got {intensity_scale}.")
+    if len(ct_window) != 2 or ct_window[0] >= ct_window[1]:
+        raise ValueError(f"ct_window must be (low, high) with low < high, got {ct_window}.")
+
+    labels = list(LABEL_KEYS) if with_labels else []
+    lab_missing_ok = mode == "infer"
+    keys = list(IMAGE_KEYS) + labels
+    img = list(IMAGE_KEYS)
+
+    def opt(transform_cls, **kw):  # label transforms tolerate missing labels in infer mode
+        return transform_cls(keys=keys, allow_missing_keys=lab_missing_ok, **kw)
+
+    xforms: list = [
+        RequireKeysd(
+            img + ([] if lab_missing_ok else labels),
+            hint="Set with_labels=False to register images only." if labels else "",
+        ),
+        opt(LoadImaged, image_only=True, reader=reader),
+        opt(EnsureChannelFirstd),
+        # explicit labels: axcodes are read against the RAS affine (MONAI's future default reads meta "space")
+        opt(Orientationd, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+    ]
+    if spacing is not None:
+        modes = ["bilinear"] * len(img) + ["nearest"] * len(labels)
+        xforms.append(opt(Spacingd, pixdim=tuple(float(s) for s in spacing), mode=modes))
+    if intensity == "ct":
+        xforms.append(
+            ScaleIntensityRanged(
+                keys=img, a_min=float(ct_window[0]), a_max=float(ct_window[1]), b_min=0.0, b_max=1.0, clip=True
+            )
+        )
+    elif intensity == "mr":
+        xforms.append(
+            ScaleIntensityRangePercentilesd(
+                keys=img,
+                lower=float(mr_percentiles[0]),
+                upper=float(mr_percentiles[1]),
+                b_min=0.0,
+                b_max=1.0,
+                clip=True,
+            )
+        )
+    if spatial_size is not None:
+        xforms.append(opt(ResizeWithPadOrCropd, spatial_size=spatial_size))
+    else:
+        xforms.append(opt(PadToCommonShaped, k=k, min_size=roi))
+    if mode == "train":
+        if roi is not None:
+            # one randomizable transform over all keys: one crop location shared by the pair
+            xforms.append(opt(RandSpatialCropd, roi_size=roi, random_size=False))
+        if intensity_scale > 0:
+            # one factor per call, shared by both images (the released code's augmentation)
+            xforms.append(RandScaleIntensityd(keys=img, factors=float(intensity_scale), prob=1.0))
+    xforms.append(EnsureTyped(keys=img, dtype=torch.float32))
+    if labels:
+        xforms.append(EnsureTyped(keys=labels, dtype=torch.float32, allow_missing_keys=lab_missing_ok))
+    return Compose(xforms)
