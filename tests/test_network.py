@@ -1,0 +1,181 @@
+"""The RAN network: shapes, presets, gradients, tracing, and learning on a real CT pair."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ran_bundle.losses import RegistrationLoss
+from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+from ran_bundle.networks.blocks import ScalarNorm, resize_nearest_like, warp
+
+PAPER_PARAMS = {"RAn0": 0.71e6, "RAn3": 0.72e6, "RAn4": 0.71e6, "RAn4+": 0.75e6}
+
+
+def n_params(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("shape", [(2, 32, 32, 32), (1, 33, 17, 21)])
+def test_output_shape_3d(preset, shape):
+    torch.manual_seed(0)
+    net = ResidualAlignerNetwork(3, preset).eval()
+    x = torch.rand(shape[0], 2, *shape[1:])
+    with torch.no_grad():
+        ddf = net(x)
+    assert ddf.shape == (shape[0], 3, *shape[1:])
+    assert torch.isfinite(ddf).all()
+
+
+@pytest.mark.parametrize("preset", ["ref", "RAn0", "RAn4+"])
+def test_output_shape_2d(preset):
+    net = ResidualAlignerNetwork(2, preset).eval()
+    with torch.no_grad():
+        out = net.register(torch.rand(3, 2, 35, 48))
+    assert out.ddf.shape == (3, 2, 35, 48)
+    assert out.backward_ddf.shape == (3, 2, 35, 48)
+    assert out.warped.shape == (3, 1, 35, 48)
+
+
+def test_ref_parameter_count_matches_released_model():
+    assert n_params(ResidualAlignerNetwork(3, "ref")) == 738_030
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER_PARAMS))
+def test_preset_parameter_counts_within_ten_percent_of_paper(preset):
+    count = n_params(ResidualAlignerNetwork(3, preset))
+    assert abs(count - PAPER_PARAMS[preset]) / PAPER_PARAMS[preset] < 0.10, count
+
+
+def test_ablation_switches_change_the_model():
+    base = ResidualAlignerNetwork(3, "RAn3")
+    no_confidence = ResidualAlignerNetwork(3, "RAn3", head_weighting="softmax")
+    single_head = ResidualAlignerNetwork(3, "RAn3", heads=1)
+    # the confidence C1 is one 1x1 conv (heads -> 1) per RA module
+    assert n_params(base) - n_params(no_confidence) == 5 * (6 + 1)
+    assert n_params(single_head) < n_params(base)
+    for q in (0, 3, 4):
+        net = ResidualAlignerNetwork(3, "RAn3", q=q)
+        assert net.exponents[0] == 4 - q
+        with torch.no_grad():
+            assert net(torch.rand(1, 2, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+def test_released_weighting_uses_raw_logits():
+    ref = ResidualAlignerNetwork(3, "ref")
+    assert all(a.head_weighting == "none" and a.confidence is None for a in ref.aligners)
+    paper = ResidualAlignerNetwork(3, "ref", head_weighting="softmax_confidence")
+    assert all(a.confidence is not None for a in paper.aligners)
+
+
+@pytest.mark.parametrize("bad", [(1, 1, 32, 32, 32), (1, 2, 32, 32), (1, 2, 32, 8, 32)])
+def test_bad_input_is_named(bad):
+    with pytest.raises(ValueError, match="expected|at least"):
+        ResidualAlignerNetwork(3, "ref")(torch.rand(*bad))
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="unknown preset 'RAn9'"):
+        ResidualAlignerNetwork(3, "RAn9")
+
+
+@pytest.mark.parametrize("preset", ["ref", "RAn4+"])
+def test_gradients_reach_every_parameter(preset):
+    torch.manual_seed(0)
+    net = ResidualAlignerNetwork(3, preset)
+    out = net.register(torch.rand(1, 2, 32, 32, 32))
+    (out.ddf.square().mean() + out.backward_ddf.square().mean() + out.warped.mean()).backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_scalar_norm_normalises_whole_sample():
+    x = torch.randn(2, 4, 5, 6, 7) * 3 + 5
+    y = ScalarNorm()(x)
+    assert torch.allclose(y.mean(dim=(1, 2, 3, 4)), torch.zeros(2), atol=1e-5)
+    assert torch.allclose(y.std(dim=(1, 2, 3, 4), unbiased=False), torch.ones(2), atol=1e-3)
+
+
+def test_warp_matches_monai_warp():
+    from monai.networks.blocks import Warp
+
+    torch.manual_seed(0)
+    image = torch.rand(2, 1, 9, 10, 11)
+    ddf = torch.randn(2, 3, 9, 10, 11) * 2
+    expected = Warp(mode="bilinear", padding_mode="zeros")(image, ddf)
+    assert torch.allclose(warp(image, ddf), expected, atol=1e-5)
+
+
+def test_resize_nearest_like_repeats_for_odd_sizes():
+    x = torch.arange(3.0).view(1, 1, 3)
+    out = resize_nearest_like(x, torch.zeros(1, 1, 7), 2)
+    assert out.flatten().tolist() == [0, 0, 1, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("preset", ["ref", "RAn0"])
+def test_traced_model_matches_eager_at_another_size(preset):
+    torch.manual_seed(0)
+    net = ResidualAlignerNetwork(3, preset).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(net, torch.rand(1, 2, 32, 32, 32))
+        x = torch.rand(1, 2, 35, 33, 41)
+        eager, scripted = net(x), traced(x)
+    assert eager.abs().max() > 0
+    assert torch.allclose(eager, scripted, atol=1e-5)
+
+
+def rotated_pair(image: torch.Tensor, degrees: float, shift: tuple[float, float, float]):
+    """The fixed image = ``image`` warped by a known rotation about the last axis plus a shift."""
+    spatial = image.shape[2:]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in spatial], indexing="ij"))
+    centre = torch.tensor([(s - 1) / 2 for s in spatial[:2]])[:, None]
+    angle = math.radians(degrees)
+    rot = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    xy = grid[:2].reshape(2, -1) - centre
+    field = torch.zeros(1, 3, *spatial)
+    field[0, :2] = (rot @ xy - xy).reshape(2, *spatial)
+    field += torch.tensor(shift).view(1, 3, 1, 1, 1)
+    return warp(image, field), field
+
+
+@pytest.mark.slow
+def test_optimising_one_real_pair_recovers_known_motion(shared_data):
+    """A few dozen Adam steps on one real CT pair (known rotation + shift) must align it.
+
+    Thresholds: the masked image MSE falls below 30% of its initial value and the mean end-point error
+    inside the body (fixed intensity > 0.1) below 50% of the zero field's (about 2.1 voxels here).
+    """
+    torch.manual_seed(0)
+    path = shared_data / "totalseg_example_ct" / "ts_example" / "image.nii.gz"
+    hu = nib.load(path).get_fdata().astype(np.float32)
+    image = torch.from_numpy(np.clip((hu + 100) / 400, 0, 1))[None, None, 13:109, 10:90, :]
+    image = torch.nn.functional.pad(torch.nn.functional.avg_pool3d(image, (2, 2, 1)), (1, 1))  # 48x40x32
+    fixed, true_ddf = rotated_pair(image, degrees=4, shift=(1.5, -1.0, 0.5))
+    body = (fixed > 0.1)[0, 0]
+
+    net = ResidualAlignerNetwork(3, "ref")
+    loss_fn = RegistrationLoss(3, similarity="mse", sim_weight=1.0, smooth_weight=0.05)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    pair = torch.cat([image, fixed], dim=1)
+    for _ in range(30):
+        out = net.register(pair)
+        loss = loss_fn(out.warped, fixed, out.ddf)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        out = net.register(pair)
+    mse_before = (image - fixed).square()[0, 0][body].mean()
+    mse_after = (out.warped - fixed).square()[0, 0][body].mean()
+    epe_zero = true_ddf[0].norm(dim=0)[body].mean()
+    epe = (out.ddf[0] - true_ddf[0]).norm(dim=0)[body].mean()
+    assert mse_after < 0.3 * mse_before, (mse_before, mse_after)
+    assert epe < 0.5 * epe_zero, (epe_zero, epe)
