@@ -1,0 +1,407 @@
+"""Engine glue between the RAN registration model and MONAI's ignite workflows.
+
+MONAI's :class:`~monai.engines.SupervisedTrainer` and :class:`~monai.engines.SupervisedEvaluator`
+are built for ``image -> label`` segmentation. Registration needs a different iteration: a pair
+batch dict (keys of :mod:`ran_bundle.data`) goes in, the network predicts a DDF, and the loss or
+the metrics read the *warped* moving image and label. This module holds the pieces that the
+bundle configs plug into those engines:
+
+- :func:`prepare_batch`: pair dict -> ``(inputs, targets)`` = ``(cat[moving, fixed], fixed)``;
+- :class:`RegistrationTrainStep`: the trainer's ``iteration_update`` (forward, loss, backward, step);
+- :class:`RegistrationEvalStep`: the evaluator's ``iteration_update`` (forward under no_grad, warp
+  the moving label with nearest neighbour), whose ``"pred"``/``"label"`` feed
+  :class:`~ran_bundle.metrics.MeanDiceOverLabels` through ``from_engine(["pred", "label"])``;
+- :class:`RegistrationMetricsWriter`: per-pair metrics in mm (:func:`~ran_bundle.metrics.evaluate_pair`)
+  written to ``metrics_per_pair.csv`` and ``metrics_summary.csv``;
+- :class:`RegistrationWriter`: per-pair NIfTI outputs (warped image and label, ITK displacement
+  field, Jacobian determinant) on the fixed image's grid.
+
+Shapes: images and labels ``(B, 1, *S)``, DDF ``(B, d, *S)`` in voxels on the fixed grid (the
+convention of :mod:`ran_bundle.fields`). The engines are created with ``decollate=False`` so
+``engine.state.batch`` and ``engine.state.output`` stay batched dicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
+from ran_bundle.networks.blocks import warp
+
+__all__ = [
+    "prepare_batch",
+    "pair_names",
+    "spacing_of",
+    "RegistrationTrainStep",
+    "RegistrationEvalStep",
+    "RegistrationMetricsWriter",
+    "RegistrationWriter",
+    "check_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = "moving_image", "fixed_image", "moving_label", "fixed_label"
+_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".gz")
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (MetaTensor metadata dropped), so network outputs carry no stale affines."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
+def _to(x: torch.Tensor | None, device: torch.device | str | None, non_blocking: bool = False) -> torch.Tensor | None:
+    return None if x is None else _plain(x).to(device=device, non_blocking=non_blocking)
+
+
+def prepare_batch(
+    batchdata: Mapping[str, Any],
+    device: torch.device | str | None = None,
+    non_blocking: bool = False,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a pair batch into the network input and the registration target.
+
+    Signature of MONAI's ``prepare_batch`` (``default_prepare_batch``), so it can be given to
+    ``SupervisedTrainer``/``SupervisedEvaluator``.
+
+    Args:
+        batchdata: dict with ``"moving_image"`` and ``"fixed_image"`` ``(B, 1, *S)``.
+        device: target device.
+        non_blocking: passed to ``Tensor.to``.
+        kwargs: other ``Tensor.to`` arguments (ignored).
+
+    Returns:
+        ``(inputs, targets)``: ``(B, 2, *S)`` moving and fixed stacked as channels (moving
+        first, as :class:`~ran_bundle.networks.ResidualAlignerNetwork` expects) and the fixed
+        image ``(B, 1, *S)``.
+    """
+    if MOVING not in batchdata or FIXED not in batchdata:
+        raise KeyError(f"a pair batch needs {MOVING!r} and {FIXED!r}, got keys {sorted(batchdata)}.")
+    moving = _to(batchdata[MOVING], device, non_blocking)
+    fixed = _to(batchdata[FIXED], device, non_blocking)
+    if moving.shape != fixed.shape:
+        raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape.")
+    return torch.cat([moving, fixed], dim=1), fixed
+
+
+def _labels(batchdata: Mapping[str, Any], device: Any, non_blocking: bool) -> tuple[Any, Any]:
+    """``(moving_label, fixed_label)`` ``(B, 1, *S)`` on ``device``, or ``None`` where missing."""
+    return (
+        _to(batchdata.get(MOVING_LABEL), device, non_blocking),
+        _to(batchdata.get(FIXED_LABEL), device, non_blocking),
+    )
+
+
+def _autocast(engine: Engine, device: torch.device | str | None):
+    """``torch.autocast`` on ``device`` when ``engine.amp`` is set (kwargs from ``engine.amp_kwargs``)."""
+    if not getattr(engine, "amp", False):
+        return nullcontext()
+    device_type = torch.device(device).type if device is not None else "cuda"
+    return torch.autocast(device_type, **(getattr(engine, "amp_kwargs", None) or {}))
+
+
+def _stem(path: Any) -> str:
+    name = os.path.basename(str(path))
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _filenames(x: Any, batch_size: int) -> list[str]:
+    meta = getattr(x, "meta", None) or {}
+    names = meta.get("filename_or_obj")
+    if names is None:
+        return [f"item{i}" for i in range(batch_size)]
+    if isinstance(names, str):
+        names = [names]
+    return [str(n) for n in names]
+
+
+def pair_names(batchdata: Mapping[str, Any]) -> list[str]:
+    """Names ``<moving-stem>_to_<fixed-stem>`` of the pairs of a batch (from the MetaTensors' file names)."""
+    b = int(batchdata[FIXED].shape[0])
+    moving, fixed = _filenames(batchdata[MOVING], b), _filenames(batchdata[FIXED], b)
+    return [f"{_stem(m)}_to_{_stem(f)}" for m, f in zip(moving, fixed, strict=False)]
+
+
+def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
+    """Per-item ``(4, 4)`` affines of a batched MetaTensor (identity when it has none)."""
+    affine = getattr(x, "affine", None)
+    if affine is None:
+        return [np.eye(4) for _ in range(batch_size)]
+    a = np.asarray(_plain(affine).detach().cpu().numpy(), dtype=np.float64)
+    if a.ndim == 2:
+        a = np.broadcast_to(a, (batch_size, *a.shape))
+    return [np.array(a[i]) for i in range(batch_size)]
+
+
+def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
+    """Voxel size in mm per array axis: the column norms of the affine's linear part."""
+    a = np.asarray(affine, dtype=np.float64)
+    d = a.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
+
+
+class RegistrationTrainStep:
+    """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for unsupervised registration.
+
+    One call: ``inputs = cat[moving, fixed]`` ``(B, 2, *S)`` -> ``ddf = net(inputs)`` ``(B, d, *S)``
+    (the ``ddf`` of ``net.register``; the module is called so that a DDP wrapper syncs gradients)
+    -> ``warped = warp(moving, ddf)`` ``(B, 1, *S)`` -> ``engine.loss_function(warped, fixed,
+    ddf[, warped_label, fixed_label])`` -> backward -> ``engine.optimizer.step()``. With
+    ``engine.amp`` the forward runs under ``torch.autocast`` and the step goes through
+    ``engine.scaler``.
+
+    Args:
+        use_labels: pass warped one-hot moving labels and the fixed labels to the loss (for a
+            :class:`~ran_bundle.losses.RegistrationLoss` with ``dice_weight > 0``); the labels are
+            used only when both are in the batch.
+        num_classes: number of label values ``0..N-1`` for the one-hot warp; ``None``: the
+            largest value in the batch plus one.
+
+    Returns (``engine.state.output``):
+        ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": fixed (B, 1, *S)}``.
+
+    Raises:
+        RuntimeError: when the loss is NaN or infinite (names the iteration and the terms).
+    """
+
+    def __init__(self, use_labels: bool = False, num_classes: int | None = None) -> None:
+        self.use_labels = bool(use_labels)
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def _one_hot(self, moving_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
+        n = self.num_classes or int(max(moving_label.max().item(), fixed_label.max().item())) + 1
+        return torch.nn.functional.one_hot(moving_label[:, 0].round().long().clamp(0, n - 1), n).movedim(-1, 1).float()
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        device, nb = engine.state.device, getattr(engine, "non_blocking", False)
+        inputs, fixed = prepare_batch(batchdata, device, nb)
+        moving_label, fixed_label = _labels(batchdata, device, nb) if self.use_labels else (None, None)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
+        loss_fn = engine.loss_function
+        with _autocast(engine, device):
+            # ``network(x)`` is ``register(x).ddf``; calling the (possibly DDP-wrapped) module itself
+            # keeps DistributedDataParallel's gradient synchronisation
+            ddf = engine.network(inputs)
+            warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
+            warped_label = None
+            if moving_label is not None and fixed_label is not None:
+                warped_label = warp(self._one_hot(moving_label, fixed_label), ddf)
+            loss = loss_fn(warped, fixed, ddf, warped_label, fixed_label)
+        if not torch.isfinite(loss).all():
+            terms = getattr(loss_fn, "last_terms", {})
+            raise RuntimeError(
+                f"non-finite training loss {loss.item()} at iteration {engine.state.iteration} "
+                f"(epoch {engine.state.epoch}); loss terms: {terms}. Lower the learning rate, disable amp, "
+                "or check the input intensities."
+            )
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            engine.optimizer.step()
+        terms = {k: float(v) for k, v in getattr(loss_fn, "last_terms", {}).items() if k != "total"}
+        return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": fixed}
+
+
+class RegistrationEvalStep:
+    """``iteration_update`` of :class:`~monai.engines.SupervisedEvaluator` for registration.
+
+    Runs ``ddf = net(cat[moving, fixed])`` under ``torch.no_grad`` (and ``torch.autocast`` when
+    ``engine.amp``), warps the moving image (trilinear) and the moving label (nearest neighbour,
+    so only the moving label's values appear) onto the fixed grid.
+
+    Returns (``engine.state.output``), all batched:
+        ``{"pred": warped moving label (B, 1, *S) or None, "label": fixed label (B, 1, *S) or None,
+        "ddf": (B, d, *S) voxels, "warped": (B, 1, *S), "fixed": (B, 1, *S), "moving_label": ... or None}``.
+        ``from_engine(["pred", "label"])`` feeds :class:`~ran_bundle.metrics.MeanDiceOverLabels`.
+    """
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        device, nb = engine.state.device, getattr(engine, "non_blocking", False)
+        inputs, fixed = prepare_batch(batchdata, device, nb)
+        moving_label, fixed_label = _labels(batchdata, device, nb)
+        engine.network.eval()
+        with torch.no_grad(), _autocast(engine, device):
+            ddf = engine.network(inputs).float()
+        with torch.no_grad():
+            warped = warp(inputs[:, :1].float(), ddf)
+            warped_label = None if moving_label is None else warp(moving_label.float(), ddf, mode="nearest")
+        return {
+            "pred": warped_label,
+            "label": fixed_label,
+            "ddf": ddf,
+            "warped": warped,
+            "fixed": fixed,
+            "moving_label": moving_label,
+        }
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write dict rows (union of keys, first-seen order) to ``path`` atomically."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class RegistrationMetricsWriter:
+    """Per-pair registration metrics in physical units, written as CSV at the end of an evaluation.
+
+    Attach to an evaluator that runs :class:`RegistrationEvalStep`. After each iteration it calls
+    :func:`~ran_bundle.metrics.evaluate_pair` for every pair of the batch (warped moving label vs
+    fixed label, DDF for the Jacobian statistics), with the voxel size read from the fixed image's
+    affine (mm). At ``COMPLETED`` it writes ``<output_dir>/metrics_per_pair.csv`` (columns
+    ``pair, label, dice, hd95, hd, asd, non_pos_jac_count, non_pos_jac_percent, sdlogj``; one row
+    per label plus ``mean`` and ``all``), ``<output_dir>/metrics_summary.csv`` (mean/std per label
+    over pairs, :func:`~ran_bundle.metrics.summarise`) and logs a summary table.
+
+    Args:
+        output_dir: folder of the CSV files (created).
+        labels: label values to evaluate; ``None``: every non-zero value of each fixed label.
+        per_pair_filename: name of the per-pair CSV.
+        summary_filename: name of the summary CSV.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        labels: Sequence[int] | None = None,
+        per_pair_filename: str = "metrics_per_pair.csv",
+        summary_filename: str = "metrics_summary.csv",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.labels = None if labels is None else [int(v) for v in labels]
+        self.per_pair_filename = per_pair_filename
+        self.summary_filename = summary_filename
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.rows = []
+
+    def update(self, engine: Engine) -> None:
+        batch, out = engine.state.batch, engine.state.output
+        if out.get("pred") is None or out.get("label") is None:
+            raise ValueError("RegistrationMetricsWriter needs moving and fixed labels in every evaluation pair.")
+        b = int(out["ddf"].shape[0])
+        names = pair_names(batch)
+        affines = _affines(batch[FIXED], b)
+        for i in range(b):
+            self.rows.extend(
+                evaluate_pair(
+                    out["pred"][i, 0].detach().cpu().numpy(),
+                    out["label"][i, 0].detach().cpu().numpy(),
+                    out["ddf"][i].detach().cpu().numpy(),
+                    spacing=spacing_of(affines[i]),
+                    labels=self.labels,
+                    pair=names[i],
+                )
+            )
+
+    def write(self, engine: Engine | None = None) -> list[dict[str, Any]]:
+        """Write both CSV files and log the summary; returns the summary rows."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_csv(self.rows, self.output_dir / self.per_pair_filename)
+        summary = summarise(self.rows)
+        _write_csv(summary, self.output_dir / self.summary_filename)
+        cols = ["dice", "hd95", "hd", "asd", "non_pos_jac_percent", "sdlogj"]
+        lines = [f"{'label':>8} {'n':>4} " + " ".join(f"{c:>22}" for c in cols)]
+        for s in summary:
+            vals = " ".join(f"{_fmt(s.get(c + '_mean')) + ' +- ' + _fmt(s.get(c + '_std')):>22}" for c in cols)
+            lines.append(f"{s['label']!s:>8} {s['n']:>4} {vals}")
+        table = "\n".join(lines)
+        logger.info("wrote %s and %s", self.output_dir / self.per_pair_filename, self.summary_filename)
+        print(f"registration metrics (mean +- std over pairs; distances in mm):\n{table}", flush=True)
+        return summary
+
+
+class RegistrationWriter:
+    """Write each registered pair of an evaluator running :class:`RegistrationEvalStep` as NIfTI.
+
+    Per pair ``<moving-stem>_to_<fixed-stem>``, on the fixed image's grid and affine (after the
+    preprocessing of the config), atomically (:mod:`ran_bundle.fields`):
+
+    - ``<pair>_warped.nii.gz``: moving image warped onto the fixed grid (float32, preprocessed
+      intensities);
+    - ``<pair>_warped_label.nii.gz``: moving label warped with nearest neighbour (only written when
+      the pair has a moving label; int16, values from the moving label set only);
+    - ``<pair>_ddf.nii.gz``: the displacement field in mm in ITK's convention
+      (:func:`~ran_bundle.fields.write_displacement_nifti`), usable by SimpleITK/ANTs/Slicer;
+    - ``<pair>_jacobian.nii.gz``: Jacobian determinant of ``x -> x + u(x)`` (float32).
+
+    Args:
+        output_dir: output folder (created).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        batch, out = engine.state.batch, engine.state.output
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        b = int(out["ddf"].shape[0])
+        names = pair_names(batch)
+        affines = _affines(batch[FIXED], b)
+        for i in range(b):
+            prefix, affine = self.output_dir / names[i], affines[i]
+            ddf = out["ddf"][i : i + 1].detach().float().cpu()
+            write_image_atomic(
+                out["warped"][i, 0].detach().float().cpu().numpy(), affine, f"{prefix}_warped.nii.gz", "float32"
+            )
+            if out.get("pred") is not None:
+                lab = out["pred"][i, 0].detach().cpu().numpy()
+                write_image_atomic(np.rint(lab).astype(np.int16), affine, f"{prefix}_warped_label.nii.gz", "int16")
+            write_displacement_nifti(ddf.numpy(), affine, f"{prefix}_ddf.nii.gz")
+            jac = np.asarray(jacobian_determinant(ddf.numpy()), dtype=np.float32).reshape(ddf.shape[2:])
+            write_image_atomic(jac, affine, f"{prefix}_jacobian.nii.gz", "float32")
+            logger.info("wrote %s_{warped,warped_label,ddf,jacobian}.nii.gz", prefix)
+
+
+def check_checkpoint(path: str | os.PathLike, hint: str = "") -> str:
+    """Return ``path`` as a string, or raise ``FileNotFoundError`` naming it (used in configs' ``initialize``).
+
+    Args:
+        path: checkpoint file that a workflow is about to load.
+        hint: appended to the error message (e.g. how to train or where to download the weights).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} not found. {hint}".strip())
+    return os.fspath(path)

@@ -1,0 +1,335 @@
+"""End-to-end tests of the MONAI bundle: the real ``python -m monai.bundle`` CLI in subprocesses.
+
+One tiny training run (module-scoped fixture) serves the evaluation, inference and export tests.
+Every output goes to pytest's tmp folders (``--ckpt_dir``/``--output_dir`` overrides); the
+repository is only read. Sizes are tiny so the module runs in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = "configs/train.json"
+EVALUATE = "configs/evaluate.json"
+INFERENCE = "configs/inference.json"
+META = "configs/metadata.json"
+SCHEMA = "configs/schema/metadata_schema.json"
+ROI = "[32,32,16]"
+SPATIAL = [64, 48, 16]  # eval/inference centre pad/crop, keeps the full-resolution passes short
+SPATIAL_ARG = json.dumps(SPATIAL).replace(" ", "")
+
+
+def bundle(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle *args`` from the repository root; fail with the output tail."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"monai.bundle {args[0]} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    return proc
+
+
+def merged(*files: str) -> str:
+    return "[" + ",".join(f"'{f}'" for f in files) + "]"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path | str]:
+    """One tiny training run: 1 epoch of 2 random pairs, validation on the 2 tiny_ct validation pairs."""
+    root = tmp_path_factory.mktemp("bundle")
+    ckpt_dir, out_dir = root / "models", root / "train_out"
+    proc = bundle(
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--bundle_root",
+        str(REPO),
+        "--ckpt_dir",
+        str(ckpt_dir),
+        "--output_dir",
+        str(out_dir),
+        "--num_epochs",
+        "1",
+        "--pairs_per_epoch",
+        "2",
+        "--roi_size",
+        ROI,
+        "--spatial_size",
+        SPATIAL_ARG,
+        "--progress_bar",
+        "False",
+    )
+    return {"root": root, "ckpt_dir": ckpt_dir, "out_dir": out_dir, "log": proc.stdout + proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained) -> Path:
+    out = trained["root"] / "evaluate"
+    bundle(
+        "run",
+        "--config_file",
+        merged(TRAIN, EVALUATE),
+        "--bundle_root",
+        str(REPO),
+        "--ckpt_dir",
+        str(trained["ckpt_dir"]),
+        "--output_dir",
+        str(out),
+        "--spatial_size",
+        SPATIAL_ARG,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def inferred(trained) -> Path:
+    out = trained["root"] / "inference"
+    bundle(
+        "run",
+        "--config_file",
+        INFERENCE,
+        "--bundle_root",
+        str(REPO),
+        "--ckpt_path",
+        str(trained["ckpt_dir"] / "model.pt"),
+        "--output_dir",
+        str(out),
+        "--spatial_size",
+        SPATIAL_ARG,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[dict]:
+    """The tiny_ct validation pairs, preprocessed like evaluation/inference (``spatial_size=SPATIAL``)."""
+    from ran_bundle.data import load_datalist
+    from ran_bundle.transforms import registration_transforms
+
+    data = load_datalist(REPO / "data" / "tiny_ct" / "datalist.json")
+    xform = registration_transforms(mode="eval", spacing=None, intensity="ct", spatial_size=SPATIAL)
+    out = []
+    for p in data["validation_pairs"]:
+        item = xform(dict(p))
+        stem = lambda f: Path(f).name.replace(".nii.gz", "")  # noqa: E731
+        item["name"] = f"{stem(p['moving_image'])}_to_{stem(p['fixed_image'])}"
+        out.append(item)
+    return out
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- metadata -----------------------------------------------------------------------------------
+
+
+def test_verify_metadata():
+    proc = bundle("verify_metadata", "--meta_file", META, "--filepath", SCHEMA)
+    assert "verified with no error" in proc.stdout + proc.stderr
+
+
+def test_metadata_is_one_file_and_changelog_has_version():
+    root_meta = REPO / "metadata.json"
+    assert root_meta.is_symlink(), "metadata.json at the repo root must be a symlink"
+    assert root_meta.resolve() == (REPO / META).resolve()
+    meta = json.loads((REPO / META).read_text())
+    assert meta["version"] in meta["changelog"]
+    fmt = meta["network_data_format"]
+    assert fmt["inputs"]["image"]["num_channels"] == 2
+    assert fmt["outputs"]["pred"]["num_channels"] == 3
+
+
+def test_verify_net_in_out():
+    proc = bundle(
+        "verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--n", "2", "--p", "1"
+    )
+    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
+
+
+# --- training, evaluation, inference ------------------------------------------------------------
+
+
+def test_training_writes_checkpoints_and_logs_loss(trained):
+    ckpt_dir = trained["ckpt_dir"]
+    assert (ckpt_dir / "model.pt").is_file(), "best checkpoint (by val_mean_dice) missing"
+    assert (ckpt_dir / "model_final.pt").is_file(), "final checkpoint missing"
+    final = torch.load(ckpt_dir / "model_final.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(final)
+    assert "train_loss" in trained["log"]
+    assert "val_mean_dice" in trained["log"]
+
+
+def test_evaluation_csv(evaluated, pairs):
+    rows = read_csv(evaluated / "metrics_per_pair.csv")
+    assert (evaluated / "metrics_summary.csv").is_file()
+    for key in ("pair", "label", "dice", "hd95", "hd", "asd", "non_pos_jac_count", "non_pos_jac_percent", "sdlogj"):
+        assert key in rows[0]
+    assert {r["pair"] for r in rows} == {p["name"] for p in pairs}
+    for p in pairs:
+        labels = {r["label"] for r in rows if r["pair"] == p["name"]}
+        present = {str(int(v)) for v in np.unique(p["fixed_label"].numpy()) if v != 0}
+        assert present <= labels and {"mean", "all"} <= labels
+    dices = [float(r["dice"]) for r in rows if r["label"] != "all"]
+    assert all(0.0 <= d <= 1.0 for d in dices if not math.isnan(d))
+
+
+def test_inference_outputs(inferred, pairs):
+    for p in pairs:
+        prefix = inferred / p["name"]
+        files = {k: Path(f"{prefix}_{k}.nii.gz") for k in ("warped", "warped_label", "ddf", "jacobian")}
+        for path in files.values():
+            assert path.is_file(), path
+        fixed_affine = np.asarray(p["fixed_image"].affine, dtype=np.float64)
+        for k in ("warped", "warped_label", "jacobian"):
+            img = nib.load(files[k])
+            assert img.shape[:3] == tuple(SPATIAL)
+            np.testing.assert_allclose(img.affine, fixed_affine, atol=1e-4, err_msg=k)
+        warped_values = set(np.unique(np.asarray(nib.load(files["warped_label"]).dataobj)).tolist())
+        moving_values = set(np.unique(p["moving_label"].numpy()).astype(int).tolist())
+        assert warped_values <= moving_values
+        assert np.isfinite(np.asarray(nib.load(files["jacobian"]).dataobj)).all()
+        ddf = sitk.ReadImage(str(files["ddf"]))
+        assert ddf.GetNumberOfComponentsPerPixel() == 3
+        assert ddf.GetSize() == tuple(SPATIAL)
+
+
+def test_metrics_agree_with_simpleitk(evaluated, inferred, pairs, tmp_path):
+    """Dice and full Hausdorff of one inference output, recomputed with SimpleITK, match the evaluate CSV."""
+    p = pairs[0]
+    rows = [r for r in read_csv(evaluated / "metrics_per_pair.csv") if r["pair"] == p["name"]]
+    fixed_path = tmp_path / "fixed_label.nii.gz"
+    fixed_affine = np.asarray(p["fixed_image"].affine, dtype=np.float64)
+    nib.save(nib.Nifti1Image(p["fixed_label"][0].numpy().astype(np.int16), fixed_affine), fixed_path)
+    warped = sitk.ReadImage(str(inferred / f"{p['name']}_warped_label.nii.gz"), sitk.sitkInt16)
+    fixed = sitk.ReadImage(str(fixed_path), sitk.sitkInt16)
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(fixed, warped)
+    voxel_diag = float(np.linalg.norm(warped.GetSpacing()))
+    checked = 0
+    for r in rows:
+        if r["label"] in ("mean", "all") or math.isnan(float(r["hd"])):
+            continue
+        lab = int(r["label"])
+        w, f = warped == lab, fixed == lab
+        if sitk.GetArrayViewFromImage(w).sum() == 0 or sitk.GetArrayViewFromImage(f).sum() == 0:
+            continue
+        assert float(r["dice"]) == pytest.approx(overlap.GetDiceCoefficient(lab), abs=1e-4)
+        hd = sitk.HausdorffDistanceImageFilter()
+        hd.Execute(f, w)
+        assert abs(float(r["hd"]) - hd.GetHausdorffDistance()) <= voxel_diag + 1e-6, f"label {lab}"
+        checked += 1
+    assert checked > 0, "no label present in both the warped and the fixed label map"
+
+
+# --- TorchScript export -------------------------------------------------------------------------
+
+
+def test_ckpt_export_trace_matches_eager(trained, tmp_path):
+    ckpt = trained["ckpt_dir"] / "model.pt"
+    ts_path = tmp_path / "model.ts"
+    bundle(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        str(ts_path),
+        "--ckpt_file",
+        str(ckpt),
+        "--meta_file",
+        META,
+        "--config_file",
+        INFERENCE,
+        "--key_in_ckpt",
+        "model",
+        "--use_trace",
+        "True",
+        "--input_shape",
+        "[1, 2, 32, 16, 16]",
+    )
+    assert ts_path.is_file()
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 48, 32, 32)  # not the traced size
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        m = torch.jit.load({str(ts_path)!r}, map_location="cpu").eval()
+        with torch.no_grad():
+            y = m(torch.load({str(tmp_path / "x.pt")!r}))
+        assert not any(k.startswith("ran_bundle") for k in sys.modules), "ran_bundle was imported"
+        torch.save(y, {str(tmp_path / "y_ts.pt")!r})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    y_ts = torch.load(tmp_path / "y_ts.pt")
+
+    from ran_bundle.networks import ResidualAlignerNetwork
+
+    net = ResidualAlignerNetwork(spatial_dims=3, preset="ref")
+    net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
+    with torch.no_grad():
+        y = net.eval()(x)
+    assert y_ts.shape == y.shape == (1, 3, 48, 32, 32)
+    assert (y_ts - y).abs().max().item() < 1e-4
+
+
+# --- config structure and engine unit checks ----------------------------------------------------
+
+
+def test_multi_gpu_override_merges():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO / TRAIN), str(REPO / "configs/multi_gpu_train.json")])
+    assert parser["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
+    assert parser["train#dataloader#sampler"] == "@train#sampler"
+    assert parser["validate#dataloader#sampler"] == "@validate#sampler"
+    # ranks > 0 drop the last two train handlers: they must be the logging ones
+    assert [h["_target_"] for h in parser["train#handlers"][-2:]] == ["StatsHandler", "TensorBoardStatsHandler"]
+    # everything that does not need a process group still resolves after the merge
+    parser.parse()
+    assert parser["training"] == parser["run"] and "trainer.run()" in parser["run"][0]
+    assert parser.get_parsed_content("loss") is not None
+    assert len(parser.get_parsed_content("validate#pairs")) == 2
+
+
+def test_train_step_raises_on_non_finite_loss():
+    from types import SimpleNamespace
+
+    from ran_bundle.engines import RegistrationTrainStep
+    from ran_bundle.losses import RegistrationLoss
+
+    net = torch.nn.Conv3d(2, 3, 1)
+    torch.nn.init.constant_(net.weight, float("nan"))
+    engine = SimpleNamespace(
+        state=SimpleNamespace(device=torch.device("cpu"), iteration=7, epoch=1),
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=RegistrationLoss(spatial_dims=3),
+        amp=False,
+        scaler=None,
+    )
+    batch = {"moving_image": torch.rand(1, 1, 16, 16, 16), "fixed_image": torch.rand(1, 1, 16, 16, 16)}
+    with pytest.raises(RuntimeError, match="iteration 7"):
+        RegistrationTrainStep()(engine, batch)
