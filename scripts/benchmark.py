@@ -1,0 +1,527 @@
+"""Speed / memory / FLOPs benchmark of the RAN presets against MONAI's VoxelMorph and LocalNet.
+
+What it measures, for every (model, input size) pair, batch size 1, one image pair ``(1, 2, *S)`` -> DDF:
+
+* ``params (M)``: trainable + frozen parameters of the network, in millions.
+* ``GFLOPs``: floating-point operations of ONE forward pass counted by
+  :class:`torch.utils.flop_counter.FlopCounterMode` (convolutions and matmuls, a multiply-add counting as
+  2 FLOPs; ``grid_sample``/interpolation/elementwise ops are not counted). Counted on the ``meta`` device
+  at the real size (no compute, no memory); if a model cannot run on ``meta`` it is counted by one real
+  forward in the measuring subprocess instead (marked ``*``).
+* ``time/pair (s)``: median wall time of ``--repeats`` forward passes after ``--warmup`` (1) untimed ones, under
+  ``torch.inference_mode`` (``torch.cuda.synchronize`` around each pass on cuda). With ``--budget S``
+  a slow model gets fewer timed passes (at least 1, marked ``(n=...)``) so that they fit ``S`` seconds.
+* ``peak mem (GB)``: on CPU the increase of the peak resident set size (``ru_maxrss``) of a fresh
+  subprocess over the forward passes (model and input already allocated before the "before" reading);
+  on cuda ``torch.cuda.max_memory_allocated`` (model and input included).
+* with ``--train``: one optimisation step (forward + backward + Adam step, MSE of the warped moving
+  image to the fixed image + 0.01 x squared finite-difference smoothness of the DDF, warping with
+  :func:`ran_bundle.networks.blocks.warp`), its median time and peak memory, in a separate subprocess.
+* ratio columns: time and memory of each model divided by those of ``--baseline`` (default
+  ``voxelmorph``) at the same size in the same run ("n/a" when the baseline was not run).
+
+Every measurement runs in its own subprocess so that peaks do not leak across models, with a timeout
+(``--timeout``, recorded as ``timeout``). On CPU a (model, size) whose estimated memory need (live
+tensor bytes tracked during a ``meta``-device pass, x 1.5 + 0.5 GB) exceeds ``MemAvailable`` is
+recorded as ``skipped (needs ~X GB)``; a subprocess killed by the OOM killer or raising an
+out-of-memory error is recorded as ``OOM``.
+
+Models: the RAN presets (``ref``, ``RAn0``, ``RAn3``, ``RAn4``, ``RAn4+``), ``voxelmorph``
+(``monai.networks.nets.VoxelMorph()`` defaults: VoxelMorphUNet backbone, 7 scaling-and-squaring steps;
+timed up to the DDF, i.e. without its final warp of the moving image) and ``localnet``
+(``monai.networks.nets.LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32,
+extract_levels=(0, 1, 2, 3))``). Note: ``ResidualAlignerNetwork.forward`` evaluates both registration
+directions (batch 2 internally), which is included in its FLOPs, time and memory.
+
+Speed and memory TARGETS live here (and in the reports this script writes), never in the test-suite:
+``tests/test_benchmark.py`` only checks that the script runs and produces a well-formed table.
+
+Usage::
+
+    python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
+        [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet] [--device cpu|cuda] [--amp]
+        [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
+        [--budget S] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import weakref
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RAN_MODELS = ("ref", "RAn0", "RAn3", "RAn4", "RAn4+")
+ALL_MODELS = (*RAN_MODELS, "voxelmorph", "localnet")
+DEFAULT_SIZES = ("96x80x128",)
+RESULT_TAG = "BENCHMARK_RESULT "
+
+
+# ----------------------------------------------------------------------------------------------- models
+class VoxelMorphDDF(nn.Module):
+    """``monai.networks.nets.VoxelMorph`` called as ``net(x)``, ``x = (B, 2, *S)`` (moving, fixed) -> DDF.
+
+    Same computation as ``VoxelMorph.forward`` up to the DDF (backbone, optional half-resolution,
+    scaling-and-squaring integration), without the final warp of the moving image.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        from monai.networks.nets import VoxelMorph
+
+        self.vm = VoxelMorph(spatial_dims=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vm = self.vm
+        ddf = vm.backbone(x)
+        if vm.half_res:
+            ddf = nn.functional.interpolate(ddf, scale_factor=0.5, mode="trilinear", align_corners=True) * 2.0
+        if vm.diffeomorphic:
+            ddf = vm.dvf2ddf(ddf)
+        if vm.half_res:
+            ddf = nn.functional.interpolate(ddf * 0.5, scale_factor=2.0, mode="trilinear", align_corners=True)
+        return ddf
+
+
+def build_model(name: str) -> nn.Module:
+    """The network ``name`` (one of :data:`ALL_MODELS`), called as ``net(x)`` with ``x (B, 2, *S)`` -> DDF."""
+    if name in RAN_MODELS:
+        from ran_bundle.networks import ResidualAlignerNetwork
+
+        return ResidualAlignerNetwork(spatial_dims=3, preset=name)
+    if name == "voxelmorph":
+        return VoxelMorphDDF()
+    if name == "localnet":
+        from monai.networks.nets import LocalNet
+
+        return LocalNet(
+            spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32, extract_levels=(0, 1, 2, 3)
+        )
+    raise ValueError(f"unknown model {name!r}; choose from {ALL_MODELS}")
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    """``"96x80x128"`` -> ``(96, 80, 128)``."""
+    parts = tuple(int(p) for p in text.lower().split("x"))
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"size must be DxHxW, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def size_str(size: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in size)
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def autocast_ctx(device: str, amp: bool):
+    if not amp:
+        return nullcontext()
+    return torch.autocast(device_type=device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
+
+
+def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, device: str, amp: bool):
+    """One forward + backward + Adam step with MSE(warped, fixed) + 0.01 * smoothness(DDF)."""
+    from ran_bundle.networks.blocks import warp
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_ctx(device, amp):
+        ddf = model(x)
+    ddf = ddf.float()
+    moving, fixed = x[:, :1], x[:, 1:]
+    warped = warp(moving, ddf)
+    smooth = sum((ddf.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
+    loss = nn.functional.mse_loss(warped, fixed) + 0.01 * smooth
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# --------------------------------------------------------------------------- meta pass: FLOPs + memory need
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the bytes of live (non-view) tensors created by dispatched ops; ``peak`` is their maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                nbytes = t.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+
+def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool) -> dict:
+    """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    info: dict = {}
+    with torch.device("meta"):
+        model = build_model(name)
+        x = torch.zeros(1, 2, *size)
+    info["params"] = n_params(model)
+    info["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        model.eval()
+        tracker = _LiveBytes()
+        with FlopCounterMode(display=False) as counter, tracker, torch.inference_mode(), autocast_ctx("cpu", amp):
+            model(x)
+        info["flops"] = counter.get_total_flops()
+        info["fwd_bytes"] = tracker.peak
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to counting on the real device
+        info["meta_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return info
+    if train:
+        try:
+            model.train()
+            tracker = _LiveBytes()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            with tracker:
+                train_step_fn(model, opt, x, "cpu", amp)
+            # Adam state (2 x params) and gradients are created inside the tracked region already
+            info["train_bytes"] = tracker.peak
+        except Exception as exc:  # noqa: BLE001
+            info["meta_train_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return info
+
+
+def estimate_need_gb(live_bytes: int | None) -> float | None:
+    """Conservative RSS need from the tracked live tensor bytes (workspaces/allocator slack not tracked)."""
+    if live_bytes is None:
+        return None
+    return live_bytes * 1.5 / 1e9 + 0.5
+
+
+def mem_available_gb() -> float | None:
+    """``MemAvailable`` from ``/proc/meminfo`` in GB (None when unreadable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(exc).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
+
+
+def _timed_passes(step, sync, args: argparse.Namespace) -> list[float]:
+    """``--warmup`` untimed calls of ``step``, then the wall times of ``--repeats`` timed calls.
+
+    With ``--budget`` the number of timed calls is cut (to at least 1) from the duration of the first call
+    so that they fit the budget.
+    """
+    times: list[float] = []
+    repeats, calls = args.repeats, 0
+    while len(times) < repeats:
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        dt = time.perf_counter() - t0
+        if calls == 0 and args.budget > 0:
+            repeats = max(1, min(args.repeats, int(args.budget // max(dt, 1e-9))))
+        if calls >= args.warmup:
+            times.append(dt)
+        calls += 1
+    return times
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Runs in a fresh subprocess: one (model, size, mode) measurement."""
+    device = args.device
+    size = parse_size(args.size)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model).to(device)
+    x = torch.rand(1, 2, *size, device=device)
+    res: dict = {"model": args.model, "size": args.size, "mode": args.mode}
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    if args.count_flops and args.mode == "infer":
+        from torch.utils.flop_counter import FlopCounterMode
+
+        model.eval()
+        with FlopCounterMode(display=False) as counter, torch.inference_mode(), autocast_ctx(device, args.amp):
+            model(x)
+        res["flops"] = counter.get_total_flops()
+        if device == "cpu":
+            # the counting pass's peak would pollute ru_maxrss: only report FLOPs from this process
+            return res
+
+    if device == "cuda":
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+    if args.mode == "infer":
+        model.eval()
+        with torch.inference_mode(), autocast_ctx(device, args.amp):
+            times = _timed_passes(lambda: model(x), sync, args)
+    else:
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        times = _timed_passes(lambda: train_step_fn(model, opt, x, device, args.amp), sync, args)
+
+    res["time"] = statistics.median(times)
+    res["repeats"] = len(times)
+    if device == "cuda":
+        res["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    else:
+        res["peak_gb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024 / 1e9
+    return res
+
+
+def run_worker(args: argparse.Namespace, model: str, size: str, mode: str, count_flops: bool = False) -> dict:
+    """Runs :func:`worker` in a fresh subprocess; returns its result or ``{"status": ...}``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--size", size]
+    cmd += ["--mode", mode, "--device", args.device, "--repeats", str(args.repeats)]
+    if args.amp:
+        cmd.append("--amp")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.budget > 0:
+        cmd += ["--budget", str(args.budget)]
+    cmd += ["--warmup", str(args.warmup)]
+    if count_flops:
+        cmd.append("--count-flops")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"status": "timeout"}
+    for line in out.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG) :])
+    if proc.returncode in (-signal.SIGKILL, 137):
+        return {"status": "OOM"}
+    tail = (err.strip().splitlines() or ["?"])[-1]
+    if _is_oom(RuntimeError(err)):
+        return {"status": "OOM"}
+    return {"status": f"error (rc {proc.returncode}: {tail[:80]})"}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine_line(device: str) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        import monai
+
+        monai_v = monai.__version__
+    except ImportError:
+        monai_v = "?"
+    dev = "cpu"
+    if device == "cuda":
+        dev = f"cuda ({torch.cuda.get_device_name()})"
+    return (
+        f"Machine: {cpu}, {cores} cores, {torch.get_num_threads()} torch threads; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, monai {monai_v}; device: {dev}"
+    )
+
+
+def _fmt(value, spec: str) -> str:
+    if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+        return format(value, spec)
+    return str(value) if value is not None else "–"
+
+
+def make_table(rows: list[dict], baseline: str, train: bool) -> str:
+    base = {r["size"]: r for r in rows if r["model"] == baseline}
+    head = ["model", "size", "params (M)", "GFLOPs", "time/pair (s)", "peak mem (GB)"]
+    head += [f"time / {baseline}", f"mem / {baseline}"]
+    if train:
+        head += ["train step (s)", "train peak (GB)", f"train time / {baseline}", f"train mem / {baseline}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def ratio(key: str, r: dict) -> str:
+        b = base.get(r["size"], {})
+        if isinstance(r.get(key), float) and isinstance(b.get(key), float) and b[key] > 0:
+            return f"{r[key] / b[key]:.2f}"
+        return "n/a"
+
+    for r in rows:
+        gflops = _fmt(r["flops"] / 1e9, ".1f") if isinstance(r.get("flops"), (int, float)) else "–"
+        if r.get("flops_real"):
+            gflops += "*"
+        cells = [r["model"], r["size"], f"{r['params'] / 1e6:.6f}", gflops]
+        t = _fmt(r.get("time", r.get("status")), ".3f")
+        if "repeats" in r and r["repeats"] != r.get("repeats_asked", r["repeats"]):
+            t += f" (n={r['repeats']})"
+        cells += [t, _fmt(r.get("peak_gb", r.get("status")), ".2f")]
+        cells += [ratio("time", r), ratio("peak_gb", r)]
+        if train:
+            st = r.get("train_status")
+            tt = _fmt(r.get("train_time", st), ".3f")
+            if "train_repeats" in r and r["train_repeats"] != r["repeats_asked"]:
+                tt += f" (n={r['train_repeats']})"
+            cells += [tt, _fmt(r.get("train_peak_gb", st), ".2f")]
+            cells += [ratio("train_time", r), ratio("train_peak_gb", r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def measure(args: argparse.Namespace, name: str, size: tuple[int, int, int], log) -> dict:
+    s = size_str(size)
+    meta = meta_pass(name, size, args.train, args.amp)
+    row: dict = {"model": name, "size": s, "params": meta["params"], "flops": meta.get("flops")}
+    row["repeats_asked"] = args.repeats
+    avail = mem_available_gb() if args.device == "cpu" else None
+
+    def guarded(mode: str, live_key: str, count_flops: bool = False) -> dict:
+        need = estimate_need_gb(meta.get(live_key))
+        if avail is not None and need is not None and need > 0.9 * avail:
+            log(f"  {name} {s} {mode}: skipped, needs ~{need:.1f} GB, {avail:.1f} GB available")
+            return {"status": f"skipped (needs ~{need:.0f} GB)"}
+        log(f"  {name} {s} {mode}: running (est. need {need if need is None else round(need, 1)} GB)")
+        t0 = time.perf_counter()
+        out = run_worker(args, name, s, mode, count_flops)
+        log(f"  {name} {s} {mode}: {out.get('status', 'ok')} in {time.perf_counter() - t0:.0f} s")
+        return out
+
+    if row["flops"] is None:  # meta failed: count FLOPs with one real forward in a subprocess of its own
+        out = guarded("infer", "fwd_bytes", count_flops=True)
+        if "flops" in out:
+            row["flops"], row["flops_real"] = out["flops"], True
+    inf = guarded("infer", "fwd_bytes")
+    if "status" in inf:
+        row["status"] = inf["status"]
+    else:
+        row["time"], row["peak_gb"], row["repeats"] = inf["time"], inf["peak_gb"], inf["repeats"]
+    if args.train:
+        tr = guarded("train", "train_bytes")
+        if "status" in tr:
+            row["train_status"] = tr["status"]
+        else:
+            row["train_time"], row["train_peak_gb"], row["train_repeats"] = tr["time"], tr["peak_gb"], tr["repeats"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help="input sizes DxHxW")
+    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on cpu, float16 on cuda")
+    p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up (median)")
+    p.add_argument("--out", type=Path, help="also write the Markdown report here")
+    p.add_argument("--train", action="store_true", help="also time one training step")
+    p.add_argument("--baseline", default="voxelmorph", choices=ALL_MODELS, help="model of the ratio columns")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per measuring subprocess")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        help="seconds of timed passes per measurement: fewer than --repeats (>= 1) when one pass is slow (0: off)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
+    # internal: one measurement in a fresh subprocess
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="infer", choices=("infer", "train"), help=argparse.SUPPRESS)
+    p.add_argument("--count-flops", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        p.error("--repeats must be >= 1 and --warmup >= 0")
+
+    if args.worker:
+        try:
+            res = worker(args)
+        except Exception as exc:  # noqa: BLE001 - report OOM distinctly, re-raise anything else
+            if _is_oom(exc):
+                res = {"status": "OOM"}
+            else:
+                raise
+        print(RESULT_TAG + json.dumps(res), flush=True)
+        return 0
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    sizes = [parse_size(s) for s in args.sizes]
+    header = machine_line(args.device)
+    settings = (
+        f"Settings: batch 1, repeats {args.repeats} (+{args.warmup} warm-up), amp {'on' if args.amp else 'off'}, "
+        f"train {'on' if args.train else 'off'}, timeout {args.timeout:.0f} s, baseline {args.baseline}, "
+        f"budget {f'{args.budget:.0f} s' if args.budget > 0 else 'off'}"
+    )
+    print(header, flush=True)
+    print(settings, flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    rows = [measure(args, name, size, log) for size in sizes for name in args.models]
+    notes = [
+        "GFLOPs: torch.utils.flop_counter.FlopCounterMode, one forward, meta device at the real size "
+        "(* = counted by a real forward); convs/matmuls only.",
+        "Peak mem: CPU = ru_maxrss increase of a fresh subprocess during the passes; cuda = max_memory_allocated.",
+        "RAN forward evaluates both registration directions; voxelmorph is timed up to its DDF (no final warp).",
+        "(n=k): only k timed passes fitted --budget; the time is their median.",
+        "skipped (needs ~X GB): estimated need (meta-device live tensors x 1.5 + 0.5 GB) > 90% of MemAvailable.",
+    ]
+    if args.baseline not in args.models:
+        notes.append(f"Baseline {args.baseline} not in --models: ratio columns are n/a.")
+    report = "\n".join([header, "", settings, "", make_table(rows, args.baseline, args.train), "", ""])
+    report += "\n".join(f"- {n}" for n in notes) + "\n"
+    print()
+    print(report, flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

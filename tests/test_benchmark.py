@@ -1,0 +1,39 @@
+"""Smoke test of ``scripts/benchmark.py``: it runs and prints a well-formed table.
+
+No timing or memory assertions: speed/memory targets live in the benchmark script and its reports.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _table_rows(text: str) -> dict[str, dict[str, str]]:
+    """Markdown table in ``text`` -> ``{model: {column: cell}}``."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(head, cells, strict=True))
+    return rows
+
+
+def test_benchmark_tiny(repo_root, tmp_path):
+    out = tmp_path / "bench.md"
+    cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "32x32x32"]
+    cmd += ["--models", "ref", "localnet", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Machine:" in proc.stdout and "torch" in proc.stdout
+    rows = _table_rows(out.read_text())
+    assert set(rows) == {"ref", "localnet"}
+    for model, row in rows.items():
+        assert row["size"] == "32x32x32"
+        for col in ("params (M)", "GFLOPs", "time/pair (s)"):
+            assert float(row[col].rstrip("*")) > 0, (model, col, row[col])
+        assert float(row["peak mem (GB)"]) >= 0
+        assert row["time / voxelmorph"] == "n/a"  # baseline not run
+    # exact parameter count of the released topology (6 decimals of millions = exact count)
+    assert round(float(rows["ref"]["params (M)"]) * 1e6) == 738_030
