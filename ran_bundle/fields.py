@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.blocks import Warp
+
+from ran_bundle.networks.blocks import warp
 
 __all__ = [
     "as_affine",
@@ -276,14 +276,12 @@ def write_image_atomic(
     return _atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
-_WARPERS: dict[str, Warp] = {}
-
-
 def warp_image(moving: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Warp ``moving`` onto the fixed grid with a voxel DDF: ``warped(x) = moving(x + u(x))``.
 
-    Thin wrapper over :class:`monai.networks.blocks.Warp` with zero padding; the one warping
-    function of ran-bundle (images, labels, features in tests and inference).
+    Thin wrapper over :func:`ran_bundle.networks.blocks.warp` (the network's own warp, same
+    convention as :class:`monai.networks.blocks.Warp`, zero padding) that accepts MetaTensors and
+    integer label maps.
 
     Args:
         moving: ``(B, C, *spatial)`` image; integer/bool dtypes are accepted (warped as float,
@@ -311,14 +309,7 @@ def warp_image(moving: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") 
     if not img.is_floating_point():
         img = img.float()
     u = u.to(img.dtype)
-    warper = _WARPERS.get(mode)
-    if warper is None:
-        with warnings.catch_warnings():  # MONAI warns that it uses torch's grid_sample: expected here
-            warnings.simplefilter("ignore", UserWarning)
-            warper = _WARPERS[mode] = Warp(mode=mode, padding_mode="zeros")
-    out = warper(img, u)
-    if hasattr(out, "as_tensor"):
-        out = out.as_tensor()
+    out = warp(img, u, mode=mode)
     if mode == "nearest" and out.dtype != in_dtype:
         out = out.round().to(in_dtype) if not in_dtype.is_floating_point else out.to(in_dtype)
     return out

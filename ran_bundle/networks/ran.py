@@ -178,6 +178,9 @@ class ResidualAlignerNetwork(nn.Module):
         self.decoder_blocks = nn.ModuleList(blocks)
         self.aligners = nn.ModuleList(aligners)
         self.output_head = conv_nd(spatial_dims, config.decoder_channels[-1] + spatial_dims, spatial_dims)
+        # start close to the identity transform, as VoxelMorph does: tiny weights, zero bias
+        nn.init.normal_(self.output_head.weight, std=1e-5)
+        nn.init.zeros_(self.output_head.bias)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, preset={self.preset!r}, config={self.config}"
