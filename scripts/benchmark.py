@@ -502,7 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    rows = [measure(args, name, size, log) for size in sizes for name in args.models]
     notes = [
         "GFLOPs: torch.utils.flop_counter.FlopCounterMode, one forward, meta device at the real size "
         "(* = counted by a real forward); convs/matmuls only.",
@@ -513,12 +512,23 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.baseline not in args.models:
         notes.append(f"Baseline {args.baseline} not in --models: ratio columns are n/a.")
-    report = "\n".join([header, "", settings, "", make_table(rows, args.baseline, args.train), "", ""])
-    report += "\n".join(f"- {n}" for n in notes) + "\n"
+
+    def render(rows: list[dict], complete: bool) -> str:
+        status = "" if complete else f"(partial: {len(rows)} of {len(sizes) * len(args.models)} measurements)"
+        report = "\n".join([header, "", settings, status, "", make_table(rows, args.baseline, args.train), "", ""])
+        return report + "\n".join(f"- {n}" for n in notes) + "\n"
+
+    rows: list[dict] = []
+    for size in sizes:
+        for name in args.models:
+            rows.append(measure(args, name, size, log))
+            if args.out:  # a run cut short still leaves the rows measured so far
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(render(rows, complete=False))
+    report = render(rows, complete=True)
     print()
     print(report, flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
     return 0
 
