@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.networks.blocks import warp
@@ -53,7 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = "moving_image", "fixed_image", "moving_label", "fixed_label"
+MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = PAIR_KEYS
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".gz")
 
 

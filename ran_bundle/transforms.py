@@ -58,6 +58,8 @@ from monai.transforms import (
 )
 from monai.transforms.inverse import InvertibleTransform
 
+from ran_bundle.data import PAIR_KEYS
+
 __all__ = [
     "IMAGE_KEYS",
     "LABEL_KEYS",
@@ -68,9 +70,8 @@ __all__ = [
     "registration_transforms",
 ]
 
-IMAGE_KEYS = ("moving_image", "fixed_image")
-LABEL_KEYS = ("moving_label", "fixed_label")
-PAIR_KEYS = IMAGE_KEYS + LABEL_KEYS
+IMAGE_KEYS = PAIR_KEYS[:2]
+LABEL_KEYS = PAIR_KEYS[2:]
 CT_WINDOW = (-100.0, 300.0)
 _MODES = ("train", "eval", "infer")
 _INTENSITY = ("ct", "mr", "none")
