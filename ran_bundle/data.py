@@ -10,7 +10,8 @@ Datalist schema (JSON, Learn2Reg-like)::
       "validation_pairs": [[0, 1], ["images/s5.nii.gz", "images/s4.nii.gz"],
                            {"moving": 1, "fixed": 0},
                            {"moving_image": ..., "fixed_image": ..., "moving_label": ..., "fixed_label": ...}],
-      "test_pairs": [...]
+      "test_pairs": [...],
+      "atlas": {"image": "images/atlas.nii.gz", "label": "labels/atlas.nii.gz"}
     }
 
 * A *subject* is a dict with ``"image"`` (required) and ``"label"`` (optional) file paths; other keys
@@ -23,6 +24,10 @@ Datalist schema (JSON, Learn2Reg-like)::
   subjects of the datalist), or a full pair dict with ``moving_image``/``fixed_image`` (+ labels).
   Otherwise they are all ordered pairs of distinct subjects of the split (:func:`ordered_pairs`),
   which needs at least 2 subjects in a non-empty split.
+* ``"atlas"`` (optional): one subject that is the fixed image of every pair (atlas/template
+  registration, e.g. label propagation from one annotated scan). Training then pairs each training
+  subject with the atlas (1 training subject is enough), and the default pairs of a split are
+  ``subject -> atlas`` for each of its subjects. The atlas must not also be a training subject.
 * A pair is a dict with keys ``"moving_image"``, ``"fixed_image"`` and, only when both subjects
   have one, ``"moving_label"``, ``"fixed_label"``.
 """
@@ -192,8 +197,10 @@ def load_datalist(
 
     Returns:
         ``{"training", "validation", "test"}``: lists of subject dicts with absolute paths (empty
-        when the split is absent), and ``{"validation_pairs", "test_pairs"}``: lists of pair dicts
-        (explicit pairs when given, else :func:`ordered_pairs` of the split; empty for an empty split).
+        when the split is absent), ``"atlas"``: a list of zero or one subject dict, and
+        ``{"validation_pairs", "test_pairs"}``: lists of pair dicts (explicit pairs when given, else
+        ``subject -> atlas`` pairs with an atlas, else :func:`ordered_pairs` of the split; empty for
+        an empty split).
 
     Raises:
         FileNotFoundError: the datalist file does not exist.
@@ -218,11 +225,17 @@ def load_datalist(
     out: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         out[split] = _subjects(raw.get(split, []), split, base, str(path), check_files)
-    if "training" in raw and len(out["training"]) < 2:
+    out["atlas"] = [] if raw.get("atlas") is None else _subjects([raw["atlas"]], "atlas", base, str(path), check_files)
+    atlas = out["atlas"][0] if out["atlas"] else None
+    if atlas is not None and any(s["image"] == atlas["image"] for s in out["training"]):
+        raise ValueError(f"datalist {path}: the atlas {atlas['image']} is also a training subject; remove it there.")
+    if "training" in raw and atlas is None and len(out["training"]) < 2:
         raise ValueError(
             f"datalist {path}: 'training' has {len(out['training'])} subject(s); random pairs of different "
-            "subjects need at least 2."
+            "subjects need at least 2 (or give an 'atlas' to register every training subject to)."
         )
+    if "training" in raw and len(out["training"]) < 1:
+        raise ValueError(f"datalist {path}: 'training' is empty.")
     by_image = {s["image"]: s for split in SPLITS for s in out[split]}
     for split, key in _PAIR_SPLITS.items():
         if key in raw:
@@ -235,6 +248,8 @@ def load_datalist(
             ]
         elif len(out[split]) == 0:
             out[key] = []
+        elif atlas is not None:
+            out[key] = [make_pair(subj, atlas) for subj in out[split] if subj["image"] != atlas["image"]]
         elif len(out[split]) < 2:
             raise ValueError(
                 f"datalist {path}: '{split}' has 1 subject; pairs need at least 2 (or list explicit '{key}')."
@@ -249,15 +264,19 @@ class RandomPairDataset(Randomizable, Dataset):
 
     Each item draws a moving subject and a different fixed subject uniformly at random (the item
     index only bounds the epoch length), builds the pair dict (:func:`make_pair`) and applies
-    ``transform``. Random state follows MONAI's pattern: ``seed`` sets it; ``monai.data.DataLoader``
-    reseeds it per worker (via ``set_random_state``, which also seeds ``transform``), so runs are
-    reproducible under ``monai.utils.set_determinism``.
+    ``transform``. With ``fixed_subjects`` (e.g. an atlas), the moving subject is drawn from
+    ``subjects`` and the fixed one from ``fixed_subjects``. Random state follows MONAI's pattern:
+    ``seed`` sets it; ``monai.data.DataLoader`` reseeds it per worker (via ``set_random_state``,
+    which also seeds ``transform``), so runs are reproducible under ``monai.utils.set_determinism``.
 
     Args:
-        subjects: subject dicts (``"image"``, optional ``"label"``), at least 2.
+        subjects: subject dicts (``"image"``, optional ``"label"``), at least 2 (at least 1 with
+            ``fixed_subjects``).
         transform: callable on the pair dict (e.g. ``registration_transforms("train")``), or None.
         num_pairs_per_epoch: dataset length.
         seed: random seed for the pair draws (``transform`` is seeded with ``seed + 1``).
+        fixed_subjects: the subjects the fixed image is drawn from (none of them in ``subjects``);
+            ``None`` or empty: fixed images are drawn from ``subjects`` too.
 
     Item:
         dict with ``"moving_image"``, ``"fixed_image"`` (+ ``"moving_label"``, ``"fixed_label"``
@@ -270,14 +289,21 @@ class RandomPairDataset(Randomizable, Dataset):
         transform: Callable | None = None,
         num_pairs_per_epoch: int = 100,
         seed: int = 0,
+        fixed_subjects: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
-        if len(subjects) < 2:
-            raise ValueError(f"RandomPairDataset needs at least 2 subjects, got {len(subjects)}.")
+        self.fixed_subjects = [dict(s) for s in fixed_subjects or []]
+        if len(subjects) < (1 if self.fixed_subjects else 2):
+            raise ValueError(
+                f"RandomPairDataset needs at least {1 if self.fixed_subjects else 2} subjects, got {len(subjects)}."
+            )
         if int(num_pairs_per_epoch) < 1:
             raise ValueError(f"num_pairs_per_epoch must be >= 1, got {num_pairs_per_epoch}.")
-        for i, s in enumerate(subjects):
+        for i, s in enumerate([*subjects, *self.fixed_subjects]):
             if "image" not in s:
                 raise ValueError(f"RandomPairDataset: subject {i} has no 'image' key (keys: {sorted(s)}).")
+        shared = {s["image"] for s in subjects} & {s["image"] for s in self.fixed_subjects}
+        if shared:
+            raise ValueError(f"RandomPairDataset: {sorted(shared)} are both moving and fixed subjects.")
         self.subjects = [dict(s) for s in subjects]
         self.transform = transform
         self.num_pairs_per_epoch = int(num_pairs_per_epoch)
@@ -295,6 +321,9 @@ class RandomPairDataset(Randomizable, Dataset):
         """Draw a (moving, fixed) index pair of two different subjects."""
         n = len(self.subjects)
         m = int(self.R.randint(n))
+        if self.fixed_subjects:
+            self._pair = (m, int(self.R.randint(len(self.fixed_subjects))))
+            return
         f = int(self.R.randint(n - 1))
         self._pair = (m, f + 1 if f >= m else f)
 
@@ -305,7 +334,7 @@ class RandomPairDataset(Randomizable, Dataset):
         """Draw and return one untransformed pair dict."""
         self.randomize()
         m, f = self._pair
-        return make_pair(self.subjects[m], self.subjects[f])
+        return make_pair(self.subjects[m], (self.fixed_subjects or self.subjects)[f])
 
     def __getitem__(self, index: int) -> Any:
         if not -len(self) <= int(index) < len(self):

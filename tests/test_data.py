@@ -148,6 +148,33 @@ def test_random_pairs_never_self_and_reproducible():
         ds[300]
 
 
+def test_atlas_datalist_pairs_every_subject_with_the_atlas(tmp_path: Path, fake_files):
+    content = {
+        "training": [fake_files[0]],
+        "validation": [{"image": fake_files[1], "label": "lab1.nii.gz"}, fake_files[2]],
+        "atlas": {"image": fake_files[4], "label": "lab4.nii.gz"},
+    }
+    dl = load_datalist(_write_datalist(tmp_path, content))
+    atlas = str(tmp_path / fake_files[4])
+    assert dl["atlas"] == [{"image": atlas, "label": str(tmp_path / "lab4.nii.gz")}]
+    assert [p["fixed_image"] for p in dl["validation_pairs"]] == [atlas, atlas]
+    assert [Path(p["moving_image"]).name for p in dl["validation_pairs"]] == [fake_files[1], fake_files[2]]
+    assert "moving_label" in dl["validation_pairs"][0] and "moving_label" not in dl["validation_pairs"][1]
+    content["training"].append(fake_files[4])
+    with pytest.raises(ValueError, match="atlas .* is also a training subject"):
+        load_datalist(_write_datalist(tmp_path, content))
+
+
+def test_random_pairs_with_fixed_subjects_always_use_them():
+    moving, atlas = [{"image": f"i{i}"} for i in range(3)], [{"image": "atlas"}]
+    ds = RandomPairDataset(moving, num_pairs_per_epoch=60, seed=1, fixed_subjects=atlas)
+    draws = [(p["moving_image"], p["fixed_image"]) for p in (ds[i] for i in range(len(ds)))]
+    assert {f for _, f in draws} == {"atlas"} and {m for m, _ in draws} == {"i0", "i1", "i2"}
+    assert len(RandomPairDataset(moving[:1], fixed_subjects=atlas)) == 100
+    with pytest.raises(ValueError, match="both moving and fixed"):
+        RandomPairDataset(moving, fixed_subjects=moving[:1])
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms
 

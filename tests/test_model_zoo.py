@@ -1,0 +1,113 @@
+"""Weights the model-zoo way: ``large_files.yml`` and MONAI's ``download_large_files`` round trip.
+
+The round trip serves the committed ``models/model.pt`` from ``python -m http.server`` bound to
+127.0.0.1 (started and stopped here), rewrites the manifest's url to it in a temporary bundle
+folder, and runs the real CLI ``python -m monai.bundle download_large_files``. Nothing leaves the
+machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST = REPO / "large_files.yml"
+
+
+def md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entries() -> list[dict[str, str]]:
+    return yaml.safe_load(MANIFEST.read_text())["large_files"]
+
+
+@pytest.fixture(scope="module")
+def loopback_server() -> Iterator[str]:
+    """``python -m http.server`` on a free 127.0.0.1 port serving the repository; yields its base url."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(REPO)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("loopback http.server did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def bundle_with_manifest(root: Path, base_url: str, hash_override: str | None = None) -> Path:
+    """A bundle folder holding only ``large_files.yml`` whose urls point at ``base_url``."""
+    root.mkdir(parents=True)
+    items = []
+    for entry in entries():
+        item = dict(entry, url=f"{base_url}/{entry['path']}")
+        if hash_override is not None:
+            item["hash_val"] = hash_override
+        items.append(item)
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": items}))
+    return root
+
+
+def download_large_files(bundle_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "download_large_files", "--bundle_path", str(bundle_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_manifest_format_and_hashes_match_committed_files():
+    items = entries()
+    assert items, "large_files.yml lists no file"
+    for item in items:
+        assert set(item) == {"path", "url", "hash_val", "hash_type"}, item
+        assert item["hash_type"] == "md5"
+        assert item["url"].startswith("https://") and item["url"].endswith(Path(item["path"]).name)
+        path = REPO / item["path"]
+        assert path.is_file(), f"{item['path']} listed in large_files.yml but not committed"
+        assert md5(path) == item["hash_val"], f"md5 of {item['path']} differs from large_files.yml: update the hash"
+
+
+def test_download_large_files_round_trip(loopback_server, tmp_path):
+    root = bundle_with_manifest(tmp_path / "bundle", loopback_server)
+    proc = download_large_files(root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for item in entries():
+        assert md5(root / item["path"]) == item["hash_val"]
+        assert (root / item["path"]).read_bytes() == (REPO / item["path"]).read_bytes()
+
+
+def test_download_large_files_refuses_wrong_hash(loopback_server, tmp_path):
+    root = bundle_with_manifest(tmp_path / "bundle", loopback_server, hash_override="0" * 32)
+    proc = download_large_files(root)
+    assert proc.returncode != 0
+    assert "hash check" in (proc.stdout + proc.stderr)
+    for item in entries():
+        assert not (root / item["path"]).exists(), "a file that failed the hash check was kept"
