@@ -27,7 +27,6 @@ TRAIN = "configs/train.json"
 EVALUATE = "configs/evaluate.json"
 INFERENCE = "configs/inference.json"
 META = "configs/metadata.json"
-SCHEMA = "configs/schema/metadata_schema.json"
 ROI = "[32,32,16]"
 SPATIAL = [64, 48, 16]  # eval/inference centre pad/crop, keeps the full-resolution passes short
 SPATIAL_ARG = json.dumps(SPATIAL).replace(" ", "")
@@ -144,11 +143,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # --- metadata -----------------------------------------------------------------------------------
 
 
-def test_verify_metadata():
-    proc = bundle("verify_metadata", "--meta_file", META, "--filepath", SCHEMA)
-    assert "verified with no error" in proc.stdout + proc.stderr
-
-
 def test_metadata_is_one_file_and_changelog_has_version():
     root_meta = REPO / "metadata.json"
     assert root_meta.is_symlink(), "metadata.json at the repo root must be a symlink"
@@ -158,13 +152,6 @@ def test_metadata_is_one_file_and_changelog_has_version():
     fmt = meta["network_data_format"]
     assert fmt["inputs"]["image"]["num_channels"] == 2
     assert fmt["outputs"]["pred"]["num_channels"] == 3
-
-
-def test_verify_net_in_out():
-    proc = bundle(
-        "verify_net_in_out", "network_def", "--meta_file", META, "--config_file", INFERENCE, "--n", "2", "--p", "1"
-    )
-    assert "data shape of network is verified with no error" in proc.stdout + proc.stderr
 
 
 # --- training, evaluation, inference ------------------------------------------------------------

@@ -1,14 +1,15 @@
-"""Weights the model-zoo way: ``large_files.yml`` and MONAI's ``download_large_files`` round trip.
+"""Model-zoo readiness: the zoo's checks, weights in ``large_files.yml``, and the release zip.
 
-The round trip serves the committed ``models/model.pt`` from ``python -m http.server`` bound to
-127.0.0.1 (started and stopped here), rewrites the manifest's url to it in a temporary bundle
-folder, and runs the real CLI ``python -m monai.bundle download_large_files``. Nothing leaves the
-machine.
+The round trips serve files from ``python -m http.server`` bound to 127.0.0.1 (started and stopped
+here) and run the real CLI (``python -m monai.bundle download_large_files`` with the manifest's urls
+rewritten to that server, ``python -m monai.bundle download --url`` of the release zip built by
+``scripts/make_release.py``). Nothing leaves the machine.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import subprocess
 import sys
@@ -36,13 +37,26 @@ def entries() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def loopback_server() -> Iterator[str]:
-    """``python -m http.server`` on a free 127.0.0.1 port serving the repository; yields its base url."""
+def loopback_server(tmp_path_factory) -> Iterator[str]:
+    """``python -m http.server`` on a free 127.0.0.1 port; yields its base url.
+
+    It serves a temporary folder holding a link to the repository's ``models/`` and, in ``dist/``,
+    the release zip that ``scripts/make_release.py`` builds.
+    """
+    served = tmp_path_factory.mktemp("served")
+    (served / "models").symlink_to(REPO / "models", target_is_directory=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_release.py"), "--out", str(served / "dist")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(REPO)],
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(served)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -111,3 +125,73 @@ def test_download_large_files_refuses_wrong_hash(loopback_server, tmp_path):
     assert "hash check" in (proc.stdout + proc.stderr)
     for item in entries():
         assert not (root / item["path"]).exists(), "a file that failed the hash check was kept"
+
+
+def test_release_zip_installs_with_monai_bundle_download(loopback_server, tmp_path):
+    zip_name = f"ran_registration_v{json.loads((REPO / 'configs' / 'metadata.json').read_text())['version']}.zip"
+    bundles = tmp_path / "bundles"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            "ran_registration",
+            "--url",
+            f"{loopback_server}/dist/{zip_name}",
+            "--bundle_dir",
+            str(bundles),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    root = bundles / "ran_registration"
+    for item in entries():
+        assert md5(root / item["path"]) == item["hash_val"]
+    assert not (root / "metadata.json").is_symlink()
+    assert (root / "metadata.json").read_text() == (REPO / "configs" / "metadata.json").read_text()
+    assert (root / "ran_bundle" / "networks" / "ran.py").is_file() and not (root / "tests").exists()
+    verify = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            "configs/metadata.json",
+            "--filepath",
+            "configs/schema/metadata_schema.json",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert verify.returncode == 0 and "verified with no error" in verify.stdout + verify.stderr
+
+
+def test_model_zoo_check_script_passes():
+    """scripts/check_model_zoo.py: schema, files, hashes, verify_net_in_out, traced export vs checkpoint."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_model_zoo.py")], capture_output=True, text=True, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "6/6 model-zoo checks passed" in proc.stdout
+    assert "model.ts equals the checkpoint" in proc.stdout
+
+
+def test_model_zoo_check_script_reports_a_wrong_hash(tmp_path):
+    """The check fails, naming the file, when a large file does not match its md5 (no export is run)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import check_model_zoo
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"not the weights")
+    (tmp_path / "large_files.yml").write_text(MANIFEST.read_text())
+    with pytest.raises(check_model_zoo.CheckFailed, match="md5 of models/model.pt"):
+        check_model_zoo.check_large_files(tmp_path)
