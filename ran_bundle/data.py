@@ -262,19 +262,26 @@ def load_datalist(
 class RandomPairDataset(Randomizable, Dataset):
     """Random (moving, fixed) pairs of *different* subjects, for training.
 
-    Each item draws a moving subject and a different fixed subject uniformly at random (the item
-    index only bounds the epoch length), builds the pair dict (:func:`make_pair`) and applies
-    ``transform``. With ``fixed_subjects`` (e.g. an atlas), the moving subject is drawn from
-    ``subjects`` and the fixed one from ``fixed_subjects``. Random state follows MONAI's pattern:
-    ``seed`` sets it; ``monai.data.DataLoader`` reseeds it per worker (via ``set_random_state``,
-    which also seeds ``transform``), so runs are reproducible under ``monai.utils.set_determinism``.
+    Item ``i`` of epoch ``e`` draws a moving subject and a different fixed subject uniformly at
+    random, builds the pair dict (:func:`make_pair`) and applies ``transform``. With
+    ``fixed_subjects`` (e.g. an atlas), the moving subject is drawn from ``subjects`` and the fixed
+    one from ``fixed_subjects``.
+
+    Every random choice of an item (the pair and, through ``transform.set_random_state``, its
+    random crop and intensity factor) comes from a generator seeded with ``(seed, epoch, i)`` only.
+    So an item is the same whichever process, worker or rank loads it and in whatever order: a
+    ``DistributedSampler`` splits one epoch's pairs between ranks exactly as one process with the
+    total batch would see them, and a run resumed at epoch ``e`` draws what the uninterrupted run
+    drew. :meth:`set_epoch` (called by :class:`ran_bundle.engines.DatasetEpochHandler` at the start
+    of every epoch) moves to the next epoch's draws; ``set_random_state`` (which MONAI's
+    ``DataLoader`` calls per worker) does not change the draws.
 
     Args:
         subjects: subject dicts (``"image"``, optional ``"label"``), at least 2 (at least 1 with
             ``fixed_subjects``).
         transform: callable on the pair dict (e.g. ``registration_transforms("train")``), or None.
         num_pairs_per_epoch: dataset length.
-        seed: random seed for the pair draws (``transform`` is seeded with ``seed + 1``).
+        seed: base seed of all draws.
         fixed_subjects: the subjects the fixed image is drawn from (none of them in ``subjects``);
             ``None`` or empty: fixed images are drawn from ``subjects`` too.
 
@@ -307,18 +314,24 @@ class RandomPairDataset(Randomizable, Dataset):
         self.subjects = [dict(s) for s in subjects]
         self.transform = transform
         self.num_pairs_per_epoch = int(num_pairs_per_epoch)
+        self.seed = int(seed)
+        self.epoch = 0
         self._pair: tuple[int, int] = (0, 1)
-        self.set_random_state(seed=seed)
+        self.set_random_state(seed=self.seed)
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        """Seed the pair draws and (with ``seed + 1``) the transform, when it is randomizable."""
-        super().set_random_state(seed=seed, state=state)
-        if seed is not None and hasattr(self.transform, "set_random_state"):
-            self.transform.set_random_state(seed=(int(seed) + 1) % (2**32))
-        return self
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch`` (any integer; the trainer's 1-based epoch number)."""
+        self.epoch = int(epoch)
+
+    def _seed_item(self, index: int) -> None:
+        """Seed the pair draw and the transform from ``(seed, epoch, index)`` alone."""
+        pair_seed, transform_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(2)
+        self.R = np.random.RandomState(int(pair_seed))
+        if hasattr(self.transform, "set_random_state"):
+            self.transform.set_random_state(seed=int(transform_seed))
 
     def randomize(self, data: Any = None) -> None:
-        """Draw a (moving, fixed) index pair of two different subjects."""
+        """Draw a (moving, fixed) index pair of two different subjects from ``self.R``."""
         n = len(self.subjects)
         m = int(self.R.randint(n))
         if self.fixed_subjects:
@@ -330,8 +343,9 @@ class RandomPairDataset(Randomizable, Dataset):
     def __len__(self) -> int:
         return self.num_pairs_per_epoch
 
-    def draw_pair(self) -> dict[str, Any]:
-        """Draw and return one untransformed pair dict."""
+    def draw_pair(self, index: int) -> dict[str, Any]:
+        """The untransformed pair dict of item ``index`` of the current epoch."""
+        self._seed_item(index)
         self.randomize()
         m, f = self._pair
         return make_pair(self.subjects[m], (self.fixed_subjects or self.subjects)[f])
@@ -339,5 +353,6 @@ class RandomPairDataset(Randomizable, Dataset):
     def __getitem__(self, index: int) -> Any:
         if not -len(self) <= int(index) < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} pairs.")
-        pair = self.draw_pair()
+        index = int(index) % len(self)
+        pair = self.draw_pair(index)
         return apply_transform(self.transform, pair) if self.transform is not None else pair

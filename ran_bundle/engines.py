@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -49,6 +50,8 @@ __all__ = [
     "RegistrationEvalStep",
     "RegistrationMetricsWriter",
     "RegistrationWriter",
+    "LastCheckpointSaver",
+    "DatasetEpochHandler",
     "check_checkpoint",
 ]
 
@@ -394,6 +397,99 @@ class RegistrationWriter:
             jac = np.asarray(jacobian_determinant(ddf.numpy()), dtype=np.float32).reshape(ddf.shape[2:])
             write_image_atomic(jac, affine, f"{prefix}_jacobian.nii.gz", "float32")
             logger.info("wrote %s_{warped,warped_label,ddf,jacobian}.nii.gz", prefix)
+
+
+class LastCheckpointSaver:
+    """Save the whole training state atomically after every ``interval`` epochs, to resume from.
+
+    MONAI's ``CheckpointSaver`` writes in place (ignite's ``DiskSaver`` with ``atomic=False``), so a
+    kill while saving can leave a truncated file. This handler writes
+    ``{name: obj.state_dict()}`` (a ``DistributedDataParallel``/``DataParallel`` model is saved
+    unwrapped, so single- and multi-process runs read each other's files) to a temporary file in
+    ``save_dir``, flushes it to disk and renames it over ``filename``: readers see the previous
+    complete file or the new complete one, never a partial one. Only rank 0 writes.
+
+    It saves at ``EPOCH_COMPLETED`` (every ``interval`` epochs) and at ``COMPLETED``; never on an
+    exception, so after a failure (e.g. a non-finite loss) the file still holds the last good epoch.
+    Resuming from it (``CheckpointLoader`` with the same ``save_dict`` keys) restarts at the next
+    epoch; with :class:`~ran_bundle.data.RandomPairDataset` and :class:`DatasetEpochHandler` every
+    later epoch draws what the uninterrupted run drew.
+
+    Args:
+        save_dir: folder of the checkpoint (created).
+        save_dict: objects with ``state_dict()``, e.g. ``{"model": net, "optimizer": opt,
+            "lr_scheduler": sched, "trainer": trainer}``.
+        filename: checkpoint file name in ``save_dir``.
+        interval: save every ``interval`` epochs.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        filename: str = "model_last.pt",
+        interval: int = 1,
+    ) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        missing = [k for k, v in save_dict.items() if not callable(getattr(v, "state_dict", None))]
+        if missing:
+            raise TypeError(f"save_dict entries {missing} have no state_dict().")
+        self.path = Path(save_dir) / filename
+        self.save_dict = dict(save_dict)
+        self.interval = int(interval)
+        self._saved_at: tuple[int, int] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        """Write the checkpoint now (rank 0 only; once per (epoch, iteration))."""
+        if idist.get_rank() != 0 or self._saved_at == (engine.state.epoch, engine.state.iteration):
+            return
+        state = {
+            k: (
+                v.module if isinstance(v, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else v
+            ).state_dict()
+            for k, v in self.save_dict.items()
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self._saved_at = (engine.state.epoch, engine.state.iteration)
+        logger.info("saved %s (epoch %d, iteration %d)", self.path, engine.state.epoch, engine.state.iteration)
+
+
+class DatasetEpochHandler:
+    """Tell a dataset which epoch starts, so its random draws follow the epoch (see ``set_epoch``).
+
+    Attached to a trainer, it calls ``dataset.set_epoch(engine.state.epoch)`` at every
+    ``EPOCH_STARTED`` (1-based epochs, as ignite counts them). With
+    :class:`~ran_bundle.data.RandomPairDataset` this makes every epoch's pairs, crops and intensity
+    factors a function of ``(seed, epoch, index)``: identical across ranks, workers and resumed runs.
+
+    Args:
+        dataset: anything with ``set_epoch(int)``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not callable(getattr(dataset, "set_epoch", None)):
+            raise TypeError(f"{type(dataset).__name__} has no set_epoch(epoch) method.")
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.dataset.set_epoch(engine.state.epoch)
 
 
 def check_checkpoint(path: str | os.PathLike, hint: str = "") -> str:

@@ -160,9 +160,11 @@ def test_metadata_is_one_file_and_changelog_has_version():
 def test_training_writes_checkpoints_and_logs_loss(trained):
     ckpt_dir = trained["ckpt_dir"]
     assert (ckpt_dir / "model.pt").is_file(), "best checkpoint (by val_mean_dice) missing"
-    assert (ckpt_dir / "model_final.pt").is_file(), "final checkpoint missing"
-    final = torch.load(ckpt_dir / "model_final.pt", map_location="cpu", weights_only=False)
-    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(final)
+    assert (ckpt_dir / "model_last.pt").is_file(), "last (resumable) checkpoint missing"
+    last = torch.load(ckpt_dir / "model_last.pt", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(last)
+    assert last["trainer"]["iteration"] == last["trainer"]["epoch_length"] == 2  # the 1 epoch of 2 pairs
+    assert not list(ckpt_dir.glob(".*.tmp")), "a temporary checkpoint file was left behind"
     assert "train_loss" in trained["log"]
     assert "val_mean_dice" in trained["log"]
 

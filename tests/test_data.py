@@ -148,6 +148,22 @@ def test_random_pairs_never_self_and_reproducible():
         ds[300]
 
 
+def test_random_pairs_depend_only_on_seed_epoch_and_index():
+    ds = RandomPairDataset([{"image": f"i{i}"} for i in range(4)], num_pairs_per_epoch=20, seed=3)
+
+    def draws(order=range(20)):
+        return {i: (ds[i]["moving_image"], ds[i]["fixed_image"]) for i in order}
+
+    epoch0 = draws()
+    assert draws(reversed(range(20))) == epoch0  # access order (workers, ranks) does not matter
+    ds.set_random_state(seed=99)  # what MONAI's DataLoader does per worker
+    assert draws() == epoch0
+    ds.set_epoch(1)
+    assert draws() != epoch0
+    ds.set_epoch(0)
+    assert draws() == epoch0
+
+
 def test_atlas_datalist_pairs_every_subject_with_the_atlas(tmp_path: Path, fake_files):
     content = {
         "training": [fake_files[0]],
@@ -229,6 +245,7 @@ def test_random_pair_dataset_with_transforms(tiny_ct: Path):
     tr = registration_transforms("train", spacing=None, roi_size=(32, 32, 32))
     a = RandomPairDataset(dl["training"], tr, num_pairs_per_epoch=2, seed=3)
     b = RandomPairDataset(dl["training"], registration_transforms("train", spacing=None, roi_size=(32, 32, 32)), 2, 3)
+    a[1]  # another item first: item 0's crop and intensity factor must not change
     xa, xb = a[0], b[0]
     assert torch.equal(xa["moving_image"], xb["moving_image"]) and torch.equal(xa["fixed_label"], xb["fixed_label"])
     assert xa["moving_image"].shape == (1, 32, 32, 32)
