@@ -41,7 +41,7 @@ Usage::
     python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
         [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet] [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
-        [--budget S] [--threads N]
+        [--budget S] [--threads N] [--checkpointing]
 """
 
 from __future__ import annotations
@@ -96,12 +96,15 @@ class VoxelMorphDDF(nn.Module):
         return ddf
 
 
-def build_model(name: str) -> nn.Module:
-    """The network ``name`` (one of :data:`ALL_MODELS`), called as ``net(x)`` with ``x (B, 2, *S)`` -> DDF."""
+def build_model(name: str, checkpointing: bool = False) -> nn.Module:
+    """The network ``name`` (one of :data:`ALL_MODELS`), called as ``net(x)`` with ``x (B, 2, *S)`` -> DDF.
+
+    ``checkpointing`` turns on the RAN presets' activation checkpointing (training steps only).
+    """
     if name in RAN_MODELS:
         from ran_bundle.networks import ResidualAlignerNetwork
 
-        return ResidualAlignerNetwork(spatial_dims=3, preset=name)
+        return ResidualAlignerNetwork(spatial_dims=3, preset=name, activation_checkpointing=checkpointing)
     if name == "voxelmorph":
         return VoxelMorphDDF()
     if name == "localnet":
@@ -175,13 +178,13 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool) -> dict:
+def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool, checkpointing: bool = False) -> dict:
     """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
 
     info: dict = {}
     with torch.device("meta"):
-        model = build_model(name)
+        model = build_model(name, checkpointing)
         x = torch.zeros(1, 2, *size)
     info["params"] = n_params(model)
     info["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -265,7 +268,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model, args.checkpointing).to(device)
     x = torch.rand(1, 2, *size, device=device)
     res: dict = {"model": args.model, "size": args.size, "mode": args.mode}
 
@@ -314,6 +317,8 @@ def run_worker(args: argparse.Namespace, model: str, size: str, mode: str, count
     cmd += ["--mode", mode, "--device", args.device, "--repeats", str(args.repeats)]
     if args.amp:
         cmd.append("--amp")
+    if args.checkpointing:
+        cmd.append("--checkpointing")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.budget > 0:
@@ -413,7 +418,7 @@ def make_table(rows: list[dict], baseline: str, train: bool) -> str:
 
 def measure(args: argparse.Namespace, name: str, size: tuple[int, int, int], log) -> dict:
     s = size_str(size)
-    meta = meta_pass(name, size, args.train, args.amp)
+    meta = meta_pass(name, size, args.train, args.amp, args.checkpointing)
     row: dict = {"model": name, "size": s, "params": meta["params"], "flops": meta.get("flops")}
     row["repeats_asked"] = args.repeats
     avail = mem_available_gb() if args.device == "cpu" else None
@@ -456,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up (median)")
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
     p.add_argument("--train", action="store_true", help="also time one training step")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="RAN presets train with activation checkpointing (--train)"
+    )
     p.add_argument("--baseline", default="voxelmorph", choices=ALL_MODELS, help="model of the ratio columns")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per measuring subprocess")
     p.add_argument("--warmup", type=int, default=1, help="untimed passes before the timed ones")
@@ -493,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_line(args.device)
     settings = (
         f"Settings: batch 1, repeats {args.repeats} (+{args.warmup} warm-up), amp {'on' if args.amp else 'off'}, "
+        f"activation checkpointing {'on' if args.checkpointing else 'off'}, "
         f"train {'on' if args.train else 'off'}, timeout {args.timeout:.0f} s, baseline {args.baseline}, "
         f"budget {f'{args.budget:.0f} s' if args.budget > 0 else 'off'}"
     )

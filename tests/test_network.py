@@ -95,6 +95,23 @@ def test_gradients_reach_every_parameter(preset):
     assert not missing
 
 
+def test_activation_checkpointing_keeps_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = ResidualAlignerNetwork(3, "ref")
+    recomputed = ResidualAlignerNetwork(3, "ref", activation_checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 2, 32, 32, 32)
+    grads = []
+    for net in (plain, recomputed):
+        net.zero_grad()
+        out = net.register(x)
+        (out.ddf.square().mean() + out.backward_ddf.square().mean()).backward()
+        grads.append(({n: p.grad.clone() for n, p in net.named_parameters()}, out.ddf.detach()))
+    (g0, d0), (g1, d1) = grads
+    assert torch.allclose(d0, d1, atol=1e-6)
+    assert all(torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-8) for n in g0)
+
+
 def test_scalar_norm_normalises_whole_sample():
     x = torch.randn(2, 4, 5, 6, 7) * 3 + 5
     y = ScalarNorm()(x)

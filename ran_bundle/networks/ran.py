@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ran_bundle.networks.blocks import (
     HEAD_WEIGHTINGS,
@@ -134,11 +135,23 @@ class ResidualAlignerNetwork(nn.Module):
         spatial_dims: 2 or 3.
         preset: ``"ref"`` (released code), ``"RAn0"``, ``"RAn3"``, ``"RAn4"``, ``"RAn4+"``.
         in_channels: channels per image (1).
+        activation_checkpointing: in training (grad enabled), recompute the activations of the
+            feature extractor, each decoder block and each RA module in the backward pass instead of
+            keeping them (``torch.utils.checkpoint``): less memory for about one more forward pass
+            of compute; results and gradients are unchanged.
         **overrides: fields of :class:`RANConfig` to change (ablation switches).
     """
 
-    def __init__(self, spatial_dims: int = 3, preset: str = "ref", in_channels: int = 1, **overrides) -> None:
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        preset: str = "ref",
+        in_channels: int = 1,
+        activation_checkpointing: bool = False,
+        **overrides,
+    ) -> None:
         super().__init__()
+        self.activation_checkpointing = bool(activation_checkpointing)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims
@@ -197,6 +210,12 @@ class ResidualAlignerNetwork(nn.Module):
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"each spatial size must be at least {self.min_size}, got {tuple(x.shape[2:])}")
 
+    def _run(self, module: nn.Module, *args):
+        """``module(*args)``, through activation checkpointing when it is on and gradients are recorded."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
     def _both_directions(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2c, *S) -> (2B, d, *S)``: rows ``[:B]`` fixed -> moving on the moving grid, rows ``[B:]``
         moving -> fixed on the fixed grid."""
@@ -204,7 +223,7 @@ class ResidualAlignerNetwork(nn.Module):
             self.check_input(x)
         c = self.in_channels
         streams = torch.cat([x[:, :c], x[:, c:]], dim=0)  # (2B, c, *S): moving rows, then fixed rows
-        skips = self.encoder(streams)
+        skips = self._run(self.encoder, streams)
         grids = [streams] + skips  # item e: a tensor on the grid of pool size 2**e
 
         exponents = self.exponents
@@ -212,17 +231,17 @@ class ResidualAlignerNetwork(nn.Module):
             resize_nearest_like(skips[i], grids[exponents[0]], 2 ** (i + 1 - exponents[0]))
             for i in self.first_skip_levels
         ]
-        features = self.decoder_blocks[0](torch.cat(first, dim=1))
-        features, ddf, theta = self.aligners[0](features, None, None)
+        features = self._run(self.decoder_blocks[0], torch.cat(first, dim=1))
+        features, ddf, theta = self._run(self.aligners[0], features, None, None)
         for k in range(1, len(self.aligners)):
             level = self.skip_levels[k - 1]
             skip = resize_nearest_like(skips[level], grids[exponents[k - 1]], 2 ** (level + 1 - exponents[k - 1]))
-            features = self.decoder_blocks[k](torch.cat([features, skip], dim=1), grids[exponents[k]])
+            features = self._run(self.decoder_blocks[k], torch.cat([features, skip], dim=1), grids[exponents[k]])
             factor = 2 ** (exponents[k - 1] - exponents[k])
             if factor > 1:
                 ddf = resize_nearest_like(ddf, grids[exponents[k]], factor) * factor
                 theta = resize_nearest_like(theta, grids[exponents[k]], factor)
-            features, ddf, theta = self.aligners[k](features, ddf, theta)
+            features, ddf, theta = self._run(self.aligners[k], features, ddf, theta)
         return self.output_head(torch.cat([features, ddf], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
