@@ -44,6 +44,8 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
+from ran_bundle.checks import check_subject_files
+
 __all__ = [
     "PAIR_KEYS",
     "SPLITS",
@@ -185,6 +187,7 @@ def load_datalist(
     path: str | os.PathLike,
     base_dir: str | os.PathLike | None = None,
     check_files: bool = True,
+    check_images: bool = False,
 ) -> dict[str, list[dict[str, Any]]]:
     """Read and validate a registration datalist (schema in the module docstring).
 
@@ -194,6 +197,10 @@ def load_datalist(
         path: the JSON file.
         base_dir: folder that relative paths are resolved against (default: the JSON file's folder).
         check_files: check that every referenced image/label file exists.
+        check_images: also read every image and label once and check them
+            (:func:`ran_bundle.checks.check_subject_files`: readable, 3D, finite, not constant; labels
+            on their image's grid, integer, not empty), so that a bad file stops a workflow before
+            training or inference starts.
 
     Returns:
         ``{"training", "validation", "test"}``: lists of subject dicts with absolute paths (empty
@@ -205,7 +212,8 @@ def load_datalist(
     Raises:
         FileNotFoundError: the datalist file does not exist.
         ValueError: invalid JSON, a missing required key, a missing referenced file, too few subjects
-            for pairs, a bad pair entry.
+            for pairs, a bad pair entry; with ``check_images``, a bad image or label
+            (:class:`~ran_bundle.checks.InputError`, a ``ValueError``).
     """
     path = Path(path)
     if not path.is_file():
@@ -256,6 +264,15 @@ def load_datalist(
             )
         else:
             out[key] = ordered_pairs(out[split])
+    if check_images:
+        pair_subjects = [
+            {"image": pair[f"{role}_image"], "label": pair.get(f"{role}_label")}
+            for key in _PAIR_SPLITS.values()
+            for pair in out[key]
+            for role in ("moving", "fixed")
+        ]
+        subjects = [s for split in (*SPLITS, "atlas") for s in out[split]]
+        check_subject_files([*subjects, *pair_subjects], f"datalist {path}")
     return out
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ran_bundle.checks import check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
@@ -492,13 +493,30 @@ class DatasetEpochHandler:
         self.dataset.set_epoch(engine.state.epoch)
 
 
-def check_checkpoint(path: str | os.PathLike, hint: str = "") -> str:
-    """Return ``path`` as a string, or raise ``FileNotFoundError`` naming it (used in configs' ``initialize``).
+def check_checkpoint(
+    path: str | os.PathLike, hint: str = "", network: torch.nn.Module | None = None, key: str = "model"
+) -> str:
+    """Return ``path`` as a string, or raise naming it (used in configs' ``initialize``, before any work).
 
     Args:
         path: checkpoint file that a workflow is about to load.
         hint: appended to the error message (e.g. how to train or where to download the weights).
+        network: when given, the checkpoint's ``key`` weights must load into it strictly (a DDP
+            wrapper is looked through).
+        key: the checkpoint entry holding the weights.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        InputError: unreadable, not a checkpoint, or weights that do not fit ``network``.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {os.fspath(path)!r} not found. {hint}".strip())
+    if network is not None:
+        state = read_state_dict(path, key)
+        check_state_dict_fits(
+            state,
+            getattr(network, "module", network),
+            os.fspath(path),
+            "use the network_def (preset and options) the checkpoint was trained with.",
+        )
     return os.fspath(path)

@@ -1,4 +1,4 @@
-"""Training on PyTorch's distributed engine (gloo on CPU) and resuming after a kill, through the real CLI.
+"""Training on PyTorch's distributed engine (gloo on CPU), resuming after a kill, stopping on a NaN loss.
 
 Both tests compare final model weights with an uninterrupted single-process run of the same seed.
 Tolerances: float32 sums over ranks and over a batch are added in different orders, so the
@@ -151,3 +151,52 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "model_last.pt' not found" in proc.stderr and "Nothing to resume" in proc.stderr
     assert not (tmp_path / "models" / "model_last.pt").exists()
+
+
+class NaNAfterFirstEpoch(torch.nn.Module):
+    """A tiny registration 'network' whose DDF turns NaN from epoch 2 on (``epoch`` set by the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+        self.epoch = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ddf = self.conv(x)
+        return ddf * float("nan") if self.epoch > 1 else ddf
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    from ignite.engine import Engine, Events
+
+    from ran_bundle.engines import LastCheckpointSaver, RegistrationTrainStep
+    from ran_bundle.losses import RegistrationLoss
+
+    torch.manual_seed(0)
+    net = NaNAfterFirstEpoch()
+    trainer = Engine(RegistrationTrainStep())
+    trainer.network, trainer.loss_function = net, RegistrationLoss(spatial_dims=3)
+    trainer.optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def _start(engine):
+        engine.state.device = torch.device("cpu")
+        net.epoch = engine.state.epoch
+
+    saved_after_epoch_1 = {}
+    trainer.add_event_handler(
+        Events.EPOCH_COMPLETED(once=1), lambda _: saved_after_epoch_1.update(copy_state(net.state_dict()))
+    )
+    LastCheckpointSaver(tmp_path, {"model": net, "optimizer": trainer.optimizer, "trainer": trainer}).attach(trainer)
+    batch = {"moving_image": torch.rand(1, 1, 16, 16, 16), "fixed_image": torch.rand(1, 1, 16, 16, 16)}
+    with pytest.raises(RuntimeError, match="non-finite training loss .* iteration 4 .*epoch 2"):
+        trainer.run([batch] * 3, max_epochs=3)
+    last = torch.load(tmp_path / "model_last.pt", map_location="cpu", weights_only=False)
+    assert last["trainer"]["iteration"] == 3, "the checkpoint must be the one of the last good epoch"
+    assert all(torch.equal(last["model"][k], v) for k, v in saved_after_epoch_1.items())
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["model_last.pt"], "no temporary file may be left behind"
+
+
+def copy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items()}

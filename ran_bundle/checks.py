@@ -1,0 +1,218 @@
+"""Checks of user input (image files, label maps, datalists, weights) that fail early and say why.
+
+Every check raises :class:`InputError` (a ``ValueError``) whose message names the file or entry and
+the problem, before any long work starts. Both front ends use them: the bundle configs (through
+:func:`ran_bundle.data.load_datalist` with ``check_images=True`` and
+:func:`ran_bundle.engines.check_checkpoint`) and the ``ran-register``/``ran-warp`` commands
+(:mod:`ran_bundle.register`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "InputError",
+    "Volume",
+    "load_volume",
+    "check_same_grid",
+    "check_label_not_empty",
+    "check_subject_files",
+    "read_state_dict",
+    "check_state_dict_fits",
+]
+
+
+class InputError(ValueError):
+    """A problem with the user's input (files, their contents, arguments); the message says which and why."""
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@dataclass
+class Volume:
+    """A 3D image or label map as read from a file.
+
+    Attributes:
+        array: ``(X, Y, Z)`` numpy array in the file's voxel order, the file's dtype.
+        affine: ``(4, 4)`` float64 voxel-to-world matrix, RAS frame (as MONAI/nibabel give it).
+        path: the file.
+        role: how the user named it (``"fixed image"``, ``"moving label"``, ...), for messages.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    role: str
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm per array axis."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    def tensor(self) -> torch.Tensor:
+        """``(1, 1, X, Y, Z)`` float32 tensor of the array."""
+        return torch.from_numpy(np.ascontiguousarray(self.array, dtype=np.float32))[None, None]
+
+
+def load_volume(
+    path: str | os.PathLike, role: str, reader: str | None = None, require_contrast: bool = False
+) -> Volume:
+    """Read a 3D image with MONAI's ``LoadImage`` (the reader of the bundle's preprocessing) and check it.
+
+    Trailing singleton axes (e.g. NIfTI ``(X, Y, Z, 1)``) are dropped.
+
+    Args:
+        path: image file (NIfTI, or any format MONAI's ITK reader opens).
+        role: the name used in error messages, e.g. ``"fixed image"``.
+        reader: optional MONAI reader name (``"NibabelReader"``, ``"ITKReader"``).
+        require_contrast: reject a constant image (nothing to register).
+
+    Raises:
+        InputError: file missing, unreadable, not 3D, holding NaN/infinite values, or constant
+            (with ``require_contrast``).
+    """
+    from monai.transforms import LoadImage
+
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise InputError(f"{role} {p}: file not found.")
+    if not os.path.isfile(p):
+        raise InputError(f"{role} {p}: not a file.")
+    try:
+        img = LoadImage(image_only=True, dtype=None, reader=reader)(p)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a user input problem here
+        raise InputError(f"{role} {p}: cannot read the image ({_first_line(e)}).") from None
+    arr = np.asarray(img.array if hasattr(img, "array") else img)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise InputError(f"{role} {p}: not a 3D image (array shape {tuple(np.asarray(img).shape)}).")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            n_nan = int(np.isnan(arr).sum())
+            raise InputError(
+                f"{role} {p}: {n_nan} NaN and {int(bad.sum()) - n_nan} infinite voxel values; "
+                "replace them (e.g. by 0) before registering."
+            )
+    elif arr.dtype.kind not in "iub":
+        raise InputError(f"{role} {p}: unsupported voxel type {arr.dtype}.")
+    if require_contrast and arr.size and arr.min() == arr.max():
+        raise InputError(f"{role} {p}: every voxel has the same value ({arr.flat[0]}); nothing to register.")
+    affine = np.asarray(img.affine.cpu().numpy() if hasattr(img, "affine") else np.eye(4), dtype=np.float64)
+    if affine.shape != (4, 4) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{role} {p}: invalid voxel-to-world matrix {affine.tolist()}.")
+    return Volume(arr, affine, p, role)
+
+
+def check_same_grid(label: Volume, image: Volume, atol_mm: float = 1e-3) -> None:
+    """Raise :class:`InputError` unless ``label`` lies on ``image``'s voxel grid and holds integers.
+
+    Args:
+        label: the label map.
+        image: the image it belongs to.
+        atol_mm: tolerance on the affines' entries (mm; NIfTI stores them as float32).
+    """
+    if label.array.shape != image.array.shape:
+        raise InputError(
+            f"{label.role} {label.path}: shape {label.array.shape} does not match the {image.role} "
+            f"{image.path} shape {image.array.shape}; the label map must be on its image's voxel grid."
+        )
+    diff = float(np.abs(label.affine - image.affine).max())
+    if diff > atol_mm:
+        raise InputError(
+            f"{label.role} {label.path}: voxel-to-world affine differs from the {image.role} {image.path} "
+            f"(max difference {diff:.4g}); the label map must be on its image's voxel grid."
+        )
+    if label.array.dtype.kind == "f" and not np.allclose(label.array, np.rint(label.array), atol=1e-3):
+        raise InputError(f"{label.role} {label.path}: holds non-integer values; a label map must hold integers.")
+
+
+def check_label_not_empty(label: Volume) -> None:
+    """Raise :class:`InputError` when a label map has no foreground voxel (nothing to score or propagate)."""
+    if not np.any(label.array):
+        raise InputError(f"{label.role} {label.path}: the label map is empty (no non-zero voxel).")
+
+
+def check_subject_files(subjects: Iterable[Mapping[str, str]], where: str) -> None:
+    """Read every subject's image (and label) of a datalist and check them (:func:`load_volume`,
+    :func:`check_same_grid`, :func:`check_label_not_empty`); each file is read once.
+
+    Args:
+        subjects: dicts with ``"image"`` and optional ``"label"`` paths.
+        where: prefix of the messages, e.g. ``"datalist /data/list.json"``.
+    """
+    seen: set[str] = set()
+    for subject in subjects:
+        if subject["image"] in seen:
+            continue
+        seen.add(subject["image"])
+        image = load_volume(subject["image"], f"{where}: image", require_contrast=True)
+        if subject.get("label") is not None:
+            label = load_volume(subject["label"], f"{where}: label")
+            check_same_grid(label, image)
+            check_label_not_empty(label)
+
+
+def read_state_dict(path: str | os.PathLike, key: str = "model") -> dict[str, torch.Tensor]:
+    """The network weights in a checkpoint file (CPU tensors).
+
+    Args:
+        path: a bundle checkpoint (dict whose ``key`` entry is the state dict, as the training writes)
+            or a plain state dict; a DDP ``"module."`` prefix is removed.
+        key: the checkpoint entry holding the weights.
+
+    Raises:
+        InputError: file missing or unreadable, or not a state dict.
+    """
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise InputError(f"weights {p}: file not found.")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"weights {p}: cannot read it as a PyTorch checkpoint ({_first_line(e)[:200]}).") from None
+    state = ckpt.get(key, ckpt) if isinstance(ckpt, Mapping) else ckpt
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"weights {p}: not a state dict (expected a dict of tensors, or a checkpoint with a {key!r} entry)."
+        )
+    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def check_state_dict_fits(state: Mapping[str, torch.Tensor], network: nn.Module, path: str, advice: str) -> None:
+    """Raise :class:`InputError` naming the first mismatches unless ``state`` loads into ``network`` strictly.
+
+    Args:
+        state: weights from :func:`read_state_dict`.
+        network: the network they are meant for.
+        path: the weights file, for the message.
+        advice: what the user should do, appended to the message.
+    """
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
+    if parts:
+        raise InputError(f"weights {path} do not fit the network: {', '.join(parts)}; {advice}")
