@@ -190,13 +190,16 @@ def read_state_dict(path: str | os.PathLike, key: str = "model") -> dict[str, to
     return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-def check_state_dict_fits(state: Mapping[str, torch.Tensor], network: nn.Module, path: str, advice: str) -> None:
+def check_state_dict_fits(
+    state: Mapping[str, torch.Tensor], network: nn.Module, path: str, target: str = "the network", advice: str = ""
+) -> None:
     """Raise :class:`InputError` naming the first mismatches unless ``state`` loads into ``network`` strictly.
 
     Args:
         state: weights from :func:`read_state_dict`.
         network: the network they are meant for.
         path: the weights file, for the message.
+        target: how the message names the network (``"weights P do not fit <target>"``).
         advice: what the user should do, appended to the message.
     """
     own = network.state_dict()
@@ -215,4 +218,4 @@ def check_state_dict_fits(state: Mapping[str, torch.Tensor], network: nn.Module,
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
     if parts:
-        raise InputError(f"weights {path} do not fit the network: {', '.join(parts)}; {advice}")
+        raise InputError(f"weights {path} do not fit {target}: {', '.join(parts)}; {advice}".rstrip("; "))

@@ -517,6 +517,7 @@ def check_checkpoint(
             state,
             getattr(network, "module", network),
             os.fspath(path),
+            "the network",
             "use the network_def (preset and options) the checkpoint was trained with.",
         )
     return os.fspath(path)
