@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ __all__ = [
     "to_itk_displacement",
     "write_displacement_nifti",
     "write_image_atomic",
+    "atomic_write",
     "warp_image",
 ]
 
@@ -191,8 +192,13 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: str | os.PathLike, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> Path:
+    """Call ``write_fn(tmp_path)`` on a temporary file next to ``path``, then ``os.replace`` it into place.
+
+    A reader sees the old file or the complete new one, never a partial one; on any error the
+    temporary file is removed and ``path`` is untouched. The temporary name keeps ``path``'s suffix
+    (``.nii.gz`` included) so writers that choose the format by suffix work.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
@@ -240,7 +246,7 @@ def write_displacement_nifti(
     if not str(path).endswith((".nii", ".nii.gz")):
         raise ValueError(f"displacement field path must end with .nii or .nii.gz: {path}")
     img = to_itk_displacement(ddf_voxel, affine, moving_affine=moving_affine, dtype=dtype)
-    return _atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, useCompression=str(path).endswith(".gz")))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, useCompression=str(path).endswith(".gz")))
 
 
 def write_image_atomic(
@@ -280,7 +286,7 @@ def write_image_atomic(
     img = nib.Nifti1Image(arr, a)
     img.set_qform(a, code=1)
     img.set_sform(a, code=1)
-    return _atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def warp_image(moving: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:

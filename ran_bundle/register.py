@@ -66,7 +66,14 @@ from ran_bundle.checks import (
     read_state_dict,
 )
 from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import as_affine, ddf_voxel_to_mm, warp_image, write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import (
+    as_affine,
+    atomic_write,
+    ddf_voxel_to_mm,
+    warp_image,
+    write_displacement_nifti,
+    write_image_atomic,
+)
 from ran_bundle.losses import RegistrationLoss
 from ran_bundle.metrics import dice, jacobian_determinant
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
@@ -577,11 +584,9 @@ def write_points_csv(
     flip = _frame_matrix(frame)
     keys = {n.strip().lower(): n for n in fieldnames}
     out = np.asarray(points, dtype=np.float64) @ flip.T
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(fieldnames))
             writer.writeheader()
             for row, pt in zip(rows, out, strict=True):
@@ -589,12 +594,8 @@ def write_points_csv(
                 for k, value in zip("xyz", pt, strict=True):
                     new[keys[k]] = f"{value:.6f}"
                 writer.writerow(new)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------------
