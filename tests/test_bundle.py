@@ -351,6 +351,40 @@ def test_short_training_raises_validation_dice_over_identity(tiny_ct, tmp_path):
     assert (tmp_path / "models" / "model.pt").is_file()
 
 
+def test_training_starts_from_pretrained_weights_with_one_override(tmp_path):
+    """--pretrained_ckpt loads the model weights (here the shipped ones) before the first step; with a
+    zero learning rate they come out unchanged."""
+    bundle(
+        "run",
+        "training",
+        "--config_file",
+        TRAIN,
+        "--bundle_root",
+        str(REPO),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--pretrained_ckpt",
+        str(REPO / "models" / "model.pt"),
+        "--learning_rate",
+        "0.0",
+        "--num_epochs",
+        "1",
+        "--pairs_per_epoch",
+        "1",
+        "--roi_size",
+        ROI,
+        "--spatial_size",
+        SPATIAL_ARG,
+        "--progress_bar",
+        "False",
+    )
+    shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=False)["model"]
+    trained = torch.load(tmp_path / "models" / "model_last.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(trained[k], v) for k, v in shipped.items())
+
+
 # --- config structure and engine unit checks ----------------------------------------------------
 
 
