@@ -1,0 +1,381 @@
+"""Train RAN presets and MONAI's VoxelMorph and LocalNet the same way, then score them on the same held-out pairs.
+
+Every model gets the same training: the same datalist, preprocessing (spacing, intensity), random pairs, crops
+and intensity factors (:class:`ran_bundle.data.RandomPairDataset` seeded with ``--seed``), number of steps,
+Adam with a cosine schedule from ``--lr`` down to 1% of it, batch 1, and the same unsupervised loss
+(:class:`ran_bundle.losses.RegistrationLoss`: ``--sim-weight`` x masked local NCC or MSE + ``--smooth-weight`` x
+edge-aware smoothness). The network's weights are seeded with ``--seed`` too. The models are built by
+``scripts/benchmark.py``'s ``build_model`` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
+DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
+:func:`ran_bundle.networks.blocks.warp`.
+
+Evaluation: the ``test_pairs`` of the datalist (the ``validation_pairs`` when there are none), preprocessed like
+the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms` in ``"eval"`` mode, full images),
+scored with :func:`ran_bundle.metrics.evaluate_pair` (Dice, HD95 and ASD in mm per label, % of voxels with
+``det J <= 0`` inside the fixed labels, SDlogJ over the whole grid), for every model and for the identity (no
+registration). Efficiency: parameters, forward GFLOPs at the evaluation size (``scripts/benchmark.py``'s meta-device
+count) and the median forward time per pair on ``--device``. No checkpoint selection: each model is scored after
+its last step, so the evaluation pairs never influence training.
+
+Outputs under ``--out`` (default ``docs/results``): ``compare.md`` (settings, machine, training time per model,
+the summary table and the per-label table), ``compare_dice.svg`` (box plots of Dice per label, paper Fig. 6),
+``compare_per_pair.csv`` (every metric of every pair and model). The trained weights go to ``--ckpt-dir``
+(default ``runs/compare``, outside git), ``<model>.pt``, for ``scripts/paper_figures.py``.
+
+Usage::
+
+    python scripts/compare.py --datalist configs/datalists/brain_mr.json --base-dir ../shared/data \\
+        --intensity mr --spacing 4 --crop 48 48 48 --steps 200 [--models RAn0 RAn3 RAn4+ voxelmorph localnet]
+    python scripts/compare.py --quick   # toy run on data/tiny_ct, 3 steps, written to runs/compare_quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import list_data_collate
+from monai.utils import set_determinism
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ran_bundle import svg  # noqa: E402
+from ran_bundle.data import RandomPairDataset, load_datalist  # noqa: E402
+from ran_bundle.engines import prepare_batch, spacing_of  # noqa: E402
+from ran_bundle.losses import RegistrationLoss  # noqa: E402
+from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
+from ran_bundle.networks.blocks import warp  # noqa: E402
+from ran_bundle.transforms import registration_transforms  # noqa: E402
+from scripts.benchmark import ALL_MODELS, build_model, machine_line, meta_pass, n_params  # noqa: E402
+
+DEFAULT_MODELS = ("RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")
+IDENTITY = "identity"
+QUICK = {"datalist": "data/tiny_ct/datalist.json", "spacing": 6.0, "intensity": "ct", "crop": [32, 32, 16], "steps": 3}
+QUICK_OUT = REPO / "runs" / "compare_quick"  # never docs/results: toy numbers must not replace the real ones
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def cache_subjects(
+    subjects: Sequence[dict[str, Any]], spacing: Sequence[float] | None, intensity: str, folder: Path
+) -> list[dict[str, Any]]:
+    """Preprocess every training image once (orientation, spacing, intensity) into ``folder``.
+
+    Training then loads these small files with ``spacing=None, intensity="none"`` instead of resampling the
+    originals at every step; the result is the same (the deterministic steps commute with the random crop).
+
+    Returns:
+        the subject dicts with ``"image"`` pointing at the cached NIfTI (``(X, Y, Z)`` float32, RAS affine).
+    """
+    pre = registration_transforms("infer", spacing=spacing, intensity=intensity, with_labels=False)
+    out = []
+    for i, subject in enumerate(subjects):
+        d = pre({"moving_image": subject["image"], "fixed_image": subject["image"]})
+        img = d["moving_image"]
+        path = folder / f"subject_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(img[0].numpy().astype(np.float32), np.asarray(img.affine, dtype=np.float64)), path)
+        out.append({**subject, "image": str(path)})
+    return out
+
+
+def eval_pairs(pairs: Sequence[dict[str, Any]], spacing: Sequence[float] | None, intensity: str) -> list[dict]:
+    """The evaluation pairs preprocessed once, batched: ``{"name", "moving_image", ..., "spacing"}``."""
+    pre = registration_transforms("eval", spacing=spacing, intensity=intensity, with_labels=True)
+    out = []
+    for pair in pairs:
+        if "moving_label" not in pair:
+            raise ValueError(f"evaluation pair {pair['moving_image']} -> {pair['fixed_image']} has no labels.")
+        batch = list_data_collate([pre(pair)])
+        name = pair_name(pair["moving_image"], pair["fixed_image"])
+        out.append({**batch, "name": name, "spacing": spacing_of(np.asarray(batch["fixed_image"].affine[0]))})
+    return out
+
+
+def pair_name(moving: str, fixed: str) -> str:
+    """``<moving>_to_<fixed>`` from the file names, or from the folder names when the file names are the same."""
+
+    def stem(path: str) -> str:
+        return Path(path).name.split(".")[0]
+
+    if stem(moving) == stem(fixed):
+        return f"{Path(moving).parent.name}_to_{Path(fixed).parent.name}"
+    return f"{stem(moving)}_to_{stem(fixed)}"
+
+
+def label_names(datalist_path: Path, pairs: Sequence[dict], labels: Sequence[int] | None) -> dict[int, str]:
+    """``{value: name}`` of the evaluated labels: ``--labels``, else the datalist's ``"labels"``, else all present."""
+    raw = json.loads(Path(datalist_path).read_text())
+    table = {int(k): str(v) for k, v in (raw.get("labels") or {}).items() if int(k) != 0}
+    if labels:
+        return {int(v): table.get(int(v), str(v)) for v in labels}
+    if table:
+        return table
+    present = sorted({int(v) for p in pairs for v in torch.unique(p["fixed_label"]).tolist() if v != 0})
+    return {v: str(v) for v in present}
+
+
+# -------------------------------------------------------------------------------------------------- training
+def train_model(name: str, dataset: RandomPairDataset, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
+    """Train ``name`` for ``args.steps`` steps on ``dataset`` (item ``i`` = step ``i``); returns the net and stats."""
+    device = torch.device(args.device)
+    set_determinism(seed=args.seed)
+    net = build_model(name).to(device)
+    loss_fn = RegistrationLoss(
+        3, similarity=args.similarity, sim_weight=args.sim_weight, smooth_weight=args.smooth_weight
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.steps), eta_min=args.lr * 0.01)
+    dataset.set_epoch(0)
+    losses = []
+    net.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(args.steps), desc=f"train {name}", unit="step", dynamic_ncols=True, disable=args.no_progress)
+    for step in bar:
+        inputs, fixed = prepare_batch(list_data_collate([dataset[step]]), device)
+        ddf = net(inputs)
+        loss = loss_fn(warp(inputs[:, :1], ddf), fixed, ddf)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{name}: non-finite loss at step {step} ({loss_fn.last_terms}); lower --lr.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    stats = {"train_s": time.perf_counter() - t0, "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
+    return net, stats
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def evaluate_model(net: torch.nn.Module | None, pairs: Sequence[dict], labels: Sequence[int], device: str) -> dict:
+    """Metric rows (:func:`evaluate_pair`) of every pair and the median forward time; ``net=None`` is the identity."""
+    rows, times = [], []
+    if net is not None:
+        net.eval()
+    with torch.no_grad():
+        for k, pair in enumerate(pairs):
+            inputs, _ = prepare_batch(pair, device)
+            moving_label = pair["moving_label"].as_tensor().to(device)
+            if net is None:
+                ddf = torch.zeros(1, 3, *inputs.shape[2:], device=device)
+            else:
+                if k == 0:
+                    net(inputs)  # warm-up, not timed
+                _sync(device)
+                t0 = time.perf_counter()
+                ddf = net(inputs).float()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            warped_label = warp(moving_label, ddf, mode="nearest")
+            rows += evaluate_pair(
+                warped_label[0, 0].cpu(), pair["fixed_label"][0, 0], ddf[0].cpu(), pair["spacing"], labels, pair["name"]
+            )
+    return {"rows": rows, "time": float(np.median(times)) if times else math.nan}
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------------- reports
+def _f(v: Any, spec: str = ".3f") -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _pm(summary: dict, key: str, spec: str = ".3f") -> str:
+    mean, std = summary.get(f"{key}_mean", math.nan), summary.get(f"{key}_std", math.nan)
+    return _f(mean, spec) if math.isnan(std) else f"{_f(mean, spec)} ± {_f(std, spec)}"
+
+
+def summary_table(results: dict[str, dict], names: dict[int, str]) -> str:
+    """One row per model: Dice per label and mean, HD95, ASD, % det J <= 0 (in labels), SDlogJ, efficiency."""
+    head = ["model", *(f"Dice {names[v]}" for v in names), "mean Dice", "HD95 (mm)", "ASD (mm)"]
+    head += ["% det J ≤ 0 (labels)", "SDlogJ", "params (M)", "GFLOPs", "time/pair (s)", "train (min)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for model, res in results.items():
+        by = {s["label"]: s for s in summarise(res["rows"])}
+        cells = [model, *(_pm(by.get(v, {}), "dice") for v in names), _pm(by["mean"], "dice")]
+        cells += [_pm(by["mean"], "hd95", ".2f"), _pm(by["mean"], "asd", ".2f")]
+        cells += [_pm(by["mean"], "non_pos_jac_percent", ".2f"), _pm(by["all"], "sdlogj", ".3f")]
+        eff = res.get("params")
+        cells += ["–" if eff is None else f"{eff / 1e6:.3f}", _f(res.get("flops", math.nan) / 1e9, ".1f")]
+        cells += [_f(res.get("time", math.nan), ".3f"), _f(res.get("train_s", math.nan) / 60, ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def label_table(results: dict[str, dict], names: dict[int, str]) -> str:
+    """One row per (label, model): mean ± std over pairs of Dice, HD95, ASD, % det J <= 0 and SDlogJ in that label."""
+    head = ["label", "model", "Dice", "HD95 (mm)", "ASD (mm)", "% det J ≤ 0", "SDlogJ"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for v, lab in [*names.items(), ("mean", "mean (union of labels)")]:
+        for model, res in results.items():
+            s = {r["label"]: r for r in summarise(res["rows"])}.get(v, {})
+            cells = [lab, model, _pm(s, "dice"), _pm(s, "hd95", ".2f"), _pm(s, "asd", ".2f")]
+            cells += [_pm(s, "non_pos_jac_percent", ".2f"), _pm(s, "sdlogj", ".3f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dice_boxes(results: dict[str, dict], names: dict[int, str]) -> str:
+    """SVG box plots of Dice per label (and the per-pair mean), one box per model."""
+    groups: dict[str, dict[str, list[float]]] = {}
+    for v, lab in [*names.items(), ("mean", "mean")]:
+        groups[lab] = {m: [float(r["dice"]) for r in res["rows"] if r["label"] == v] for m, res in results.items()}
+    n_pairs = len(next(iter(groups.values()))[next(iter(results))])
+    return svg.box_plot(groups, ylabel="Dice", title=f"Dice per label over {n_pairs} held-out pairs")
+
+
+def write_csv(results: dict[str, dict], path: Path) -> None:
+    rows = [{"model": m, **r} for m, res in results.items() for r in res["rows"]]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def report(args: argparse.Namespace, results: dict[str, dict], names: dict[int, str], info: dict) -> str:
+    """The Markdown report: settings, machine, training summary and both tables."""
+    lines = [
+        "# Model comparison (`scripts/compare.py`)",
+        "",
+        f"Command: `{info['command']}`",
+        "",
+        f"- {machine_line(torch.device(args.device).type)}",
+        f"- Data: `{args.datalist}`; training subjects: {info['n_train']}; evaluated pairs ({info['pairs_key']}): "
+        + ", ".join(f"`{n}`" for n in info["pair_names"]),
+        f"- Preprocessing: spacing {args.spacing} mm, intensity `{args.intensity}`; training crops {args.crop}; "
+        f"evaluation on the full images, size {info['eval_size']}",
+        f"- Training (every model the same): {args.steps} steps of batch 1, seed {args.seed}, Adam lr {args.lr} "
+        f"(cosine to 1%), loss {args.sim_weight} x {args.similarity} + {args.smooth_weight} x edge-aware smoothness",
+        f"- Total wall time {info['wall_s'] / 60:.1f} min",
+        "",
+        "## Summary (mean ± std over pairs)",
+        "",
+        "Labels: " + ", ".join(f"{v} = {n}" for v, n in names.items()) + ". HD95/ASD: mean over labels. "
+        "% det J ≤ 0: voxels with a non-positive Jacobian determinant inside the fixed labels (the paper's count, as "
+        "a percentage). SDlogJ: std of log det J over the whole grid (Learn2Reg). GFLOPs: one forward pass at the "
+        "evaluation size (RAN evaluates both directions). time/pair: median forward time on the device above. "
+        "train: wall time of the training steps.",
+        "",
+        summary_table(results, names),
+        "",
+        "Training loss (mean of the first / last 10 steps): "
+        + "; ".join(
+            f"{m} {r['loss_first']:.4f} → {r['loss_last']:.4f}" for m, r in results.items() if "loss_first" in r
+        ),
+        "",
+        "## Per label",
+        "",
+        label_table(results, names),
+        "",
+        "![Dice per label](compare_dice.svg)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datalist", default="configs/datalists/brain_mr.json")
+    p.add_argument("--base-dir", default=None, help="folder relative datalist paths start from (default: its folder)")
+    p.add_argument("--spacing", type=float, default=4.0, help="isotropic voxel size in mm (0: keep the images' grid)")
+    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr")
+    p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48], help="training crop size (multiples of 16)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=ALL_MODELS)
+    p.add_argument("--labels", type=int, nargs="*", default=None, help="label values to score (default: datalist's)")
+    p.add_argument("--similarity", choices=("ncc", "lncc", "mse"), default="ncc")
+    p.add_argument("--sim-weight", type=float, default=2.0)
+    p.add_argument("--smooth-weight", type=float, default=0.5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    p.add_argument("--ckpt-dir", type=Path, default=REPO / "runs" / "compare")
+    p.add_argument("--quick", action="store_true", help=f"toy run: {QUICK}, out {QUICK_OUT} (options win)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        quick = {**QUICK, "out": QUICK_OUT, "ckpt_dir": QUICK_OUT / "checkpoints"}
+        for key, value in quick.items():
+            if key not in given:
+                setattr(args, key, value)
+    if any(c % 16 for c in args.crop):
+        p.error(f"--crop sizes must be multiples of 16, got {args.crop}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datalist = Path(args.datalist)
+    datalist = datalist if datalist.is_absolute() or datalist.is_file() else REPO / datalist
+    data = load_datalist(datalist, base_dir=args.base_dir)
+    pairs_key = "test_pairs" if data["test_pairs"] else "validation_pairs"
+    spacing = None if args.spacing <= 0 else (args.spacing,) * 3
+    pairs = eval_pairs(data[pairs_key], spacing, args.intensity)
+    names = label_names(datalist, pairs, args.labels)
+    labels = list(names)
+    results: dict[str, dict] = {IDENTITY: evaluate_model(None, pairs, labels, args.device)}
+    args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    eval_size = tuple(int(s) for s in pairs[0]["fixed_image"].shape[2:])
+    with tempfile.TemporaryDirectory(prefix="ran_compare_") as tmp:
+        train_subjects = cache_subjects(data["training"], spacing, args.intensity, Path(tmp))
+        atlas = cache_subjects(data["atlas"], spacing, args.intensity, Path(tmp) / "atlas") if data["atlas"] else []
+        transform = registration_transforms(
+            "train", spacing=None, intensity="none", roi_size=args.crop, with_labels=False
+        )
+        dataset = RandomPairDataset(train_subjects, transform, args.steps, seed=args.seed, fixed_subjects=atlas)
+        for name in args.models:
+            net, stats = train_model(name, dataset, args)
+            torch.save({"model": net.state_dict(), "name": name, "args": vars(args)}, args.ckpt_dir / f"{name}.pt")
+            res = evaluate_model(net, pairs, labels, args.device)
+            info = meta_pass(name, eval_size, train=False, amp=False)
+            results[name] = {**res, **stats, "params": n_params(net), "flops": info.get("flops", math.nan)}
+            mean_dice = {s["label"]: s for s in summarise(res["rows"])}["mean"]["dice_mean"]
+            print(f"{name}: mean Dice {mean_dice:.4f}, trained in {stats['train_s']:.0f} s", flush=True)
+    info = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "n_train": len(data["training"]),
+        "pairs_key": pairs_key,
+        "pair_names": [p["name"] for p in pairs],
+        "eval_size": "x".join(map(str, eval_size)),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(results, args.out / "compare_per_pair.csv")
+    svg.save(dice_boxes(results, names), args.out / "compare_dice.svg")
+    (args.out / "compare.md").write_text(report(args, results, names, info))
+    print(summary_table(results, names))
+    print(f"wrote {args.out / 'compare.md'}, compare_dice.svg, compare_per_pair.csv ({info['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
