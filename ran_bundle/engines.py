@@ -54,6 +54,7 @@ __all__ = [
     "LastCheckpointSaver",
     "DatasetEpochHandler",
     "check_checkpoint",
+    "SyntheticTrainStep",
 ]
 
 logger = logging.getLogger(__name__)
@@ -521,3 +522,67 @@ def check_checkpoint(
             "use the network_def (preset and options) the checkpoint was trained with.",
         )
     return os.fspath(path)
+
+
+class SyntheticTrainStep:
+    """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for synthetic pretraining.
+
+    The supervised counterpart of :class:`RegistrationTrainStep` for pairs with a known field
+    (:mod:`ran_bundle.synthetic`): ``inputs = cat[moving, fixed]`` ``(B, 2, *S)`` -> ``ddf = net(inputs)``
+    ``(B, d, *S)`` -> ``warped = warp(moving, ddf)`` -> ``engine.loss_function(warped, fixed, ddf, true_ddf)``
+    (a :class:`~ran_bundle.losses.SyntheticFieldLoss`: 0.1 image MSE + 1 field MSE + 1 smoothness)
+    -> backward -> ``engine.optimizer.step()``; ``true_ddf`` ``(B, d, *S)`` voxels is read from the
+    batch. With ``engine.amp`` the forward runs under ``torch.autocast`` and the step goes through
+    ``engine.scaler``.
+
+    Args:
+        ddf_key: batch key of the true field; ``None``: :data:`ran_bundle.synthetic.TRUE_DDF` (``"true_ddf"``).
+
+    Returns (``engine.state.output``):
+        ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": true_ddf (B, d, *S)}``.
+
+    Raises:
+        KeyError: the batch has no true field.
+        RuntimeError: when the loss is NaN or infinite (names the iteration and the terms).
+    """
+
+    def __init__(self, ddf_key: str | None = None) -> None:
+        if ddf_key is None:
+            from ran_bundle.synthetic import TRUE_DDF  # lazy: ran_bundle.synthetic imports this module
+
+            ddf_key = TRUE_DDF
+        self.ddf_key = ddf_key
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        device, nb = engine.state.device, getattr(engine, "non_blocking", False)
+        if self.ddf_key not in batchdata:
+            raise KeyError(
+                f"a synthetic pair batch needs the true field {self.ddf_key!r}, got keys {sorted(batchdata)}; "
+                "build the data with ran_bundle.synthetic.synthetic_pair_transforms."
+            )
+        inputs, fixed = prepare_batch(batchdata, device, nb)
+        true_ddf = _to(batchdata[self.ddf_key], device, nb).float()
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
+        loss_fn = engine.loss_function
+        with _autocast(engine, device):
+            ddf = engine.network(inputs)
+            warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
+            loss = loss_fn(warped, fixed, ddf, true_ddf)
+        if not torch.isfinite(loss).all():
+            terms = getattr(loss_fn, "last_terms", {})
+            raise RuntimeError(
+                f"non-finite pretraining loss {loss.item()} at iteration {engine.state.iteration} "
+                f"(epoch {engine.state.epoch}); loss terms: {terms}. Lower the learning rate or the synthetic "
+                "field magnitudes, disable amp, or check the input intensities."
+            )
+        scaler = getattr(engine, "scaler", None)
+        if getattr(engine, "amp", False) and scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            engine.optimizer.step()
+        terms = {k: float(v) for k, v in getattr(loss_fn, "last_terms", {}).items() if k != "total"}
+        return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": true_ddf}
