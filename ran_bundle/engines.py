@@ -162,6 +162,30 @@ def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
 
 
+def _step(engine: Engine, loss: torch.Tensor, kind: str, advice: str) -> dict[str, float]:
+    """Backward and optimizer step for ``loss`` (through ``engine.scaler`` under amp); the loss terms.
+
+    Raises:
+        RuntimeError: the loss is NaN or infinite (names the iteration, epoch and terms, then ``advice``);
+            nothing is stepped, so the weights stay those of the last good iteration.
+    """
+    terms = getattr(engine.loss_function, "last_terms", {})
+    if not torch.isfinite(loss).all():
+        raise RuntimeError(
+            f"non-finite {kind} loss {loss.item()} at iteration {engine.state.iteration} "
+            f"(epoch {engine.state.epoch}); loss terms: {terms}. {advice}"
+        )
+    scaler = getattr(engine, "scaler", None)
+    if getattr(engine, "amp", False) and scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(engine.optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        engine.optimizer.step()
+    return {k: float(v) for k, v in terms.items() if k != "total"}
+
+
 class RegistrationTrainStep:
     """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for unsupervised registration.
 
@@ -210,22 +234,7 @@ class RegistrationTrainStep:
             if moving_label is not None and fixed_label is not None:
                 warped_label = warp(self._one_hot(moving_label, fixed_label), ddf)
             loss = loss_fn(warped, fixed, ddf, warped_label, fixed_label)
-        if not torch.isfinite(loss).all():
-            terms = getattr(loss_fn, "last_terms", {})
-            raise RuntimeError(
-                f"non-finite training loss {loss.item()} at iteration {engine.state.iteration} "
-                f"(epoch {engine.state.epoch}); loss terms: {terms}. Lower the learning rate, disable amp, "
-                "or check the input intensities."
-            )
-        scaler = getattr(engine, "scaler", None)
-        if getattr(engine, "amp", False) and scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            engine.optimizer.step()
-        terms = {k: float(v) for k, v in getattr(loss_fn, "last_terms", {}).items() if k != "total"}
+        terms = _step(engine, loss, "training", "Lower the learning rate, disable amp, or check the input intensities.")
         return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": fixed}
 
 
@@ -569,20 +578,6 @@ class SyntheticTrainStep:
             ddf = engine.network(inputs)
             warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
             loss = loss_fn(warped, fixed, ddf, true_ddf)
-        if not torch.isfinite(loss).all():
-            terms = getattr(loss_fn, "last_terms", {})
-            raise RuntimeError(
-                f"non-finite pretraining loss {loss.item()} at iteration {engine.state.iteration} "
-                f"(epoch {engine.state.epoch}); loss terms: {terms}. Lower the learning rate or the synthetic "
-                "field magnitudes, disable amp, or check the input intensities."
-            )
-        scaler = getattr(engine, "scaler", None)
-        if getattr(engine, "amp", False) and scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            engine.optimizer.step()
-        terms = {k: float(v) for k, v in getattr(loss_fn, "last_terms", {}).items() if k != "total"}
+        advice = "Lower the learning rate or the synthetic field magnitudes, disable amp, or check the intensities."
+        terms = _step(engine, loss, "pretraining", advice)
         return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": true_ddf}
