@@ -86,6 +86,7 @@ from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import RegistrationEvalStep
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
 from ran_bundle.networks.blocks import warp
+from ran_bundle.transforms import CT_WINDOW
 
 __all__ = [
     "TRUE_DDF",
@@ -114,7 +115,6 @@ IMAGE, LABEL = "image", "label"
 # sufficient injectivity bound of uniform cubic B-splines (Choi & Lee 2000): |c_i| < delta_i / K,
 # K = 2.479 in 3D and 2.046 in 2D; our caps stay just below 1 / K
 FOLD_FREE_FACTOR = {2: 0.48, 3: 0.4}
-_CT_WINDOW = (-100.0, 300.0)
 
 ArrayLike = torch.Tensor | np.ndarray
 
@@ -535,7 +535,7 @@ def synthetic_pair_transforms(
     divisible_k: int = 16,
     with_labels: bool = False,
     intensity_scale: float = 0.0,
-    ct_window: Sequence[float] = _CT_WINDOW,
+    ct_window: Sequence[float] = CT_WINDOW,
     mr_percentiles: Sequence[float] = (0.5, 99.5),
     reader: str | None = None,
     **deformation: Any,
