@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ran_bundle.fields import spacing_of
+
 __all__ = [
     "InputError",
     "Volume",
@@ -57,7 +59,7 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm per array axis."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return spacing_of(self.affine)  # type: ignore[return-value]
 
     def tensor(self) -> torch.Tensor:
         """``(1, 1, X, Y, Z)`` float32 tensor of the array."""

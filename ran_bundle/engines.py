@@ -39,14 +39,13 @@ from ignite.engine import Engine, Events
 
 from ran_bundle.checks import check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.networks.blocks import warp
 
 __all__ = [
     "prepare_batch",
     "pair_names",
-    "spacing_of",
     "RegistrationTrainStep",
     "RegistrationEvalStep",
     "RegistrationMetricsWriter",
@@ -153,13 +152,6 @@ def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
     if a.ndim == 2:
         a = np.broadcast_to(a, (batch_size, *a.shape))
     return [np.array(a[i]) for i in range(batch_size)]
-
-
-def spacing_of(affine: np.ndarray) -> tuple[float, ...]:
-    """Voxel size in mm per array axis: the column norms of the affine's linear part."""
-    a = np.asarray(affine, dtype=np.float64)
-    d = a.shape[0] - 1
-    return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
 
 
 def _step(engine: Engine, loss: torch.Tensor, kind: str, advice: str) -> dict[str, float]:

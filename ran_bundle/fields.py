@@ -43,6 +43,7 @@ from ran_bundle.networks.blocks import warp
 
 __all__ = [
     "as_affine",
+    "spacing_of",
     "ddf_voxel_to_mm",
     "to_itk_displacement",
     "write_displacement_nifti",
@@ -79,6 +80,14 @@ def as_affine(affine: ArrayLike | Sequence, spatial_dims: int = 3) -> np.ndarray
     if abs(np.linalg.det(a[:spatial_dims, :spatial_dims])) < 1e-12:
         raise ValueError(f"affine has a singular linear part: {a.tolist()}.")
     return a
+
+
+def spacing_of(affine: ArrayLike | Sequence) -> tuple[float, ...]:
+    """Voxel size in mm per array axis of a ``(d + 1, d + 1)`` voxel-to-world affine: the column norms of its
+    linear part."""
+    a = _to_numpy(affine).astype(np.float64)
+    d = a.shape[0] - 1
+    return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
 
 
 def _check_ddf(ddf: ArrayLike) -> int:

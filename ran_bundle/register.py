@@ -70,6 +70,7 @@ from ran_bundle.fields import (
     as_affine,
     atomic_write,
     ddf_voxel_to_mm,
+    spacing_of,
     warp_image,
     write_displacement_nifti,
     write_image_atomic,
@@ -922,7 +923,7 @@ def register_files(
     with timer.stage("preprocess", f"preprocessing (spacing {spacing_mm}, intensity {intensity!r})"):
         moving_p, fixed_p = preprocess_pair(fixed_v.path, moving_v.path, spacing_mm, intensity)
         a_fp, a_mp = (as_affine(t.affine) for t in (fixed_p, moving_p))
-    logger.info("network grid %s at %s mm", tuple(fixed_p.shape[1:]), tuple(round(s, 3) for s in _spacing(a_fp)))
+    logger.info("network grid %s at %s mm", tuple(fixed_p.shape[1:]), tuple(round(s, 3) for s in spacing_of(a_fp)))
     io_losses: list[float] = []
     if io_steps:
         with timer.stage("instance_optimisation", f"instance optimisation: {int(io_steps)} Adam steps, lr {io_lr}"):
@@ -1018,7 +1019,7 @@ def register_files(
             "device": str(dev),
             "amp": bool(amp),
             "grid_shape": list(fixed_p.shape[1:]),
-            "grid_spacing_mm": list(_spacing(a_fp)),
+            "grid_spacing_mm": list(spacing_of(a_fp)),
             "intensity": intensity,
             "io_steps": int(io_steps),
             "io_lr": float(io_lr),
@@ -1069,10 +1070,6 @@ def register_files(
     os.replace(staged, final)
     logger.info("done in %.1f s: %s", report["timings_s"]["total"], out_dir)
     return report
-
-
-def _spacing(affine: np.ndarray) -> tuple[float, ...]:
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
 def _version() -> str:

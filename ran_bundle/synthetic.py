@@ -84,6 +84,7 @@ from torch.utils.data import Dataset
 
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import RegistrationEvalStep
+from ran_bundle.fields import spacing_of
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
 from ran_bundle.networks.blocks import warp
 from ran_bundle.transforms import CT_WINDOW
@@ -358,7 +359,7 @@ def _spacing_of(x: Any, d: int) -> tuple[float, ...] | None:
         a = a[0]
     if a.shape != (d + 1, d + 1):
         return None
-    return tuple(float(v) for v in np.linalg.norm(a[:d, :d], axis=0))
+    return spacing_of(a)
 
 
 def _per_axis(value: float | Sequence[float], d: int, name: str) -> np.ndarray:

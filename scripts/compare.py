@@ -56,7 +56,8 @@ if str(REPO) not in sys.path:
 
 from ran_bundle import svg  # noqa: E402
 from ran_bundle.data import RandomPairDataset, load_datalist  # noqa: E402
-from ran_bundle.engines import prepare_batch, spacing_of  # noqa: E402
+from ran_bundle.engines import prepare_batch  # noqa: E402
+from ran_bundle.fields import spacing_of  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
 from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
