@@ -40,6 +40,7 @@ from ran_bundle.checks import load_volume
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import as_affine, ddf_voxel_to_mm
 from ran_bundle.register import resample_field, warp_to_grid
+from ran_bundle.tensors import as_plain_tensor
 from ran_bundle.transforms import registration_transforms
 
 __all__ = ["ATLAS_IMAGE_KEY", "ATLAS_LABEL_KEY", "AtlasPaird", "PropagateAtlasLabelsd", "propagate_labels"]
@@ -50,10 +51,6 @@ ATLAS_IMAGE_KEY = "atlas_image"
 ATLAS_LABEL_KEY = "atlas_label"
 
 _MOVING, _FIXED = PAIR_KEYS[:2]
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
 def propagate_labels(
@@ -84,10 +81,10 @@ def propagate_labels(
     Returns:
         ``(1, *shape)`` label map, ``label``'s dtype (float labels are rounded to int64).
     """
-    u = _plain(ddf).detach().float().cpu()
+    u = as_plain_tensor(ddf).detach().float().cpu()
     u = u[None] if u.ndim == 4 else u
     a_f, a_m = as_affine(fixed_affine), as_affine(moving_affine)
-    lab = _plain(label).detach().cpu()
+    lab = as_plain_tensor(label).detach().cpu()
     while lab.ndim < 5:
         lab = lab[None]
     if lab.is_floating_point():
@@ -165,7 +162,9 @@ class AtlasPaird(Transform):
         label = load_volume(self.atlas_label, "atlas label", reader=self.reader)
         pair = self.preprocessing({_MOVING: self.atlas_image, _FIXED: os.fspath(path)})
         moving, fixed = pair[_MOVING], pair[_FIXED]
-        d[self.image_key] = MetaTensor(torch.cat([_plain(moving), _plain(fixed)], dim=0), meta=dict(fixed.meta))
+        d[self.image_key] = MetaTensor(
+            torch.cat([as_plain_tensor(moving), as_plain_tensor(fixed)], dim=0), meta=dict(fixed.meta)
+        )
         d[ATLAS_IMAGE_KEY] = moving
         d[ATLAS_LABEL_KEY] = MetaTensor(torch.from_numpy(np.ascontiguousarray(label.array))[None], affine=label.affine)
         return d

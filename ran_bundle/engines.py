@@ -28,7 +28,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.networks.blocks import warp
+from ran_bundle.tensors import as_plain_tensor, autocast_if
 
 __all__ = [
     "prepare_batch",
@@ -62,13 +62,8 @@ MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = PAIR_KEYS
 _SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".gz")
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A plain tensor (MetaTensor metadata dropped), so network outputs carry no stale affines."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
 def _to(x: torch.Tensor | None, device: torch.device | str | None, non_blocking: bool = False) -> torch.Tensor | None:
-    return None if x is None else _plain(x).to(device=device, non_blocking=non_blocking)
+    return None if x is None else as_plain_tensor(x).to(device=device, non_blocking=non_blocking)
 
 
 def prepare_batch(
@@ -110,12 +105,9 @@ def _labels(batchdata: Mapping[str, Any], device: Any, non_blocking: bool) -> tu
     )
 
 
-def _autocast(engine: Engine, device: torch.device | str | None):
-    """``torch.autocast`` on ``device`` when ``engine.amp`` is set (kwargs from ``engine.amp_kwargs``)."""
-    if not getattr(engine, "amp", False):
-        return nullcontext()
-    device_type = torch.device(device).type if device is not None else "cuda"
-    return torch.autocast(device_type, **(getattr(engine, "amp_kwargs", None) or {}))
+def _engine_autocast(engine: Engine, device: torch.device | str | None):
+    """:func:`~ran_bundle.tensors.autocast_if` ``engine.amp``, with the kwargs of ``engine.amp_kwargs``."""
+    return autocast_if(getattr(engine, "amp", False), device, **(getattr(engine, "amp_kwargs", None) or {}))
 
 
 def _stem(path: Any) -> str:
@@ -148,7 +140,7 @@ def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
     affine = getattr(x, "affine", None)
     if affine is None:
         return [np.eye(4) for _ in range(batch_size)]
-    a = np.asarray(_plain(affine).detach().cpu().numpy(), dtype=np.float64)
+    a = np.asarray(as_plain_tensor(affine).detach().cpu().numpy(), dtype=np.float64)
     if a.ndim == 2:
         a = np.broadcast_to(a, (batch_size, *a.shape))
     return [np.array(a[i]) for i in range(batch_size)]
@@ -217,7 +209,7 @@ class RegistrationTrainStep:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
         loss_fn = engine.loss_function
-        with _autocast(engine, device):
+        with _engine_autocast(engine, device):
             # ``network(x)`` is ``register(x).ddf``; calling the (possibly DDP-wrapped) module itself
             # keeps DistributedDataParallel's gradient synchronisation
             ddf = engine.network(inputs)
@@ -248,7 +240,7 @@ class RegistrationEvalStep:
         inputs, fixed = prepare_batch(batchdata, device, nb)
         moving_label, fixed_label = _labels(batchdata, device, nb)
         engine.network.eval()
-        with torch.no_grad(), _autocast(engine, device):
+        with torch.no_grad(), _engine_autocast(engine, device):
             ddf = engine.network(inputs).float()
         with torch.no_grad():
             warped = warp(inputs[:, :1].float(), ddf)
@@ -566,7 +558,7 @@ class SyntheticTrainStep:
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
         loss_fn = engine.loss_function
-        with _autocast(engine, device):
+        with _engine_autocast(engine, device):
             ddf = engine.network(inputs)
             warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
             loss = loss_fn(warped, fixed, ddf, true_ddf)

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ran_bundle.networks.blocks import warp
+from ran_bundle.tensors import as_plain_tensor
 
 __all__ = [
     "as_affine",
@@ -326,8 +327,8 @@ def warp_image(moving: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear") 
             f"expected {(moving.shape[0], d, *moving.shape[2:])}."
         )
     in_dtype = moving.dtype
-    img = moving.as_tensor() if hasattr(moving, "as_tensor") else moving
-    u = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
+    img = as_plain_tensor(moving)
+    u = as_plain_tensor(ddf)
     if not img.is_floating_point():
         img = img.float()
     u = u.to(img.dtype)

@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ from ran_bundle.losses import RegistrationLoss
 from ran_bundle.metrics import dice, jacobian_determinant
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 from ran_bundle.networks.blocks import warp
+from ran_bundle.tensors import as_plain_tensor, autocast_if
 from ran_bundle.transforms import registration_transforms
 
 __all__ = [
@@ -230,14 +231,6 @@ def preprocess_pair(
     return data[MOVING], data[FIXED]
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type) if amp else nullcontext()
-
-
 def predict(
     net: ResidualAlignerNetwork,
     moving: torch.Tensor,
@@ -260,11 +253,11 @@ def predict(
         ``backward``) lives on the moving grid and warps the fixed image onto it.
     """
     device = next(net.parameters()).device
-    m, f = (_plain(t).float() for t in (moving, fixed))
+    m, f = (as_plain_tensor(t).float() for t in (moving, fixed))
     m, f = (t[None] if t.ndim == 4 else t for t in (m, f))
     x = torch.cat([m, f], dim=1).to(device)
     net.eval()
-    with torch.no_grad(), _autocast(device, amp):
+    with torch.no_grad(), autocast_if(amp, device):
         if backward:
             out = net.register(x)
             return out.ddf.float().cpu(), out.backward_ddf.float().cpu()
@@ -308,7 +301,7 @@ def instance_optimise(
 
     device = next(net.parameters()).device
     tuned = copy.deepcopy(net).to(device)
-    m, f = (_plain(t).float() for t in (moving, fixed))
+    m, f = (as_plain_tensor(t).float() for t in (moving, fixed))
     m, f = (t[None] if t.ndim == 4 else t for t in (m, f))
     m, f = m.to(device), f.to(device)
     x = torch.cat([m, f], dim=1)
@@ -320,7 +313,7 @@ def instance_optimise(
     bar = tqdm(range(int(steps)), desc="instance optimisation", file=sys.stderr, disable=not progress, leave=True)
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
+        with autocast_if(amp, device):
             ddf = tuned(x)
         ddf = ddf.float()  # the loss (local NCC sums) in float32
         value = loss_fn(warp(m, ddf), f, ddf)
