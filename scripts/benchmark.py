@@ -50,70 +50,25 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import signal
 import statistics
 import subprocess
 import sys
 import time
-import weakref
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
 
-RAN_MODELS = ("ref", "RAn0", "RAn3", "RAn4", "RAn4+")
-ALL_MODELS = (*RAN_MODELS, "voxelmorph", "localnet")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
+    sys.path.insert(0, str(REPO))
+
+from ran_bundle.peers import ALL_MODELS, build_model  # noqa: E402
+from ran_bundle.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
+
 DEFAULT_SIZES = ("96x80x128",)
 RESULT_TAG = "BENCHMARK_RESULT "
-
-
-# ----------------------------------------------------------------------------------------------- models
-class VoxelMorphDDF(nn.Module):
-    """``monai.networks.nets.VoxelMorph`` called as ``net(x)``, ``x = (B, 2, *S)`` (moving, fixed) -> DDF.
-
-    Same computation as ``VoxelMorph.forward`` up to the DDF (backbone, optional half-resolution,
-    scaling-and-squaring integration), without the final warp of the moving image.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        from monai.networks.nets import VoxelMorph
-
-        self.vm = VoxelMorph(spatial_dims=3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vm = self.vm
-        ddf = vm.backbone(x)
-        if vm.half_res:
-            ddf = nn.functional.interpolate(ddf, scale_factor=0.5, mode="trilinear", align_corners=True) * 2.0
-        if vm.diffeomorphic:
-            ddf = vm.dvf2ddf(ddf)
-        if vm.half_res:
-            ddf = nn.functional.interpolate(ddf * 0.5, scale_factor=2.0, mode="trilinear", align_corners=True)
-        return ddf
-
-
-def build_model(name: str, checkpointing: bool = False) -> nn.Module:
-    """The network ``name`` (one of :data:`ALL_MODELS`), called as ``net(x)`` with ``x (B, 2, *S)`` -> DDF.
-
-    ``checkpointing`` turns on the RAN presets' activation checkpointing (training steps only).
-    """
-    if name in RAN_MODELS:
-        from ran_bundle.networks import ResidualAlignerNetwork
-
-        return ResidualAlignerNetwork(spatial_dims=3, preset=name, activation_checkpointing=checkpointing)
-    if name == "voxelmorph":
-        return VoxelMorphDDF()
-    if name == "localnet":
-        from monai.networks.nets import LocalNet
-
-        return LocalNet(
-            spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32, extract_levels=(0, 1, 2, 3)
-        )
-    raise ValueError(f"unknown model {name!r}; choose from {ALL_MODELS}")
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -126,90 +81,6 @@ def parse_size(text: str) -> tuple[int, int, int]:
 
 def size_str(size: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in size)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def autocast_ctx(device: str, amp: bool):
-    if not amp:
-        return nullcontext()
-    return torch.autocast(device_type=device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
-
-
-def train_step_fn(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, device: str, amp: bool):
-    """One forward + backward + Adam step with MSE(warped, fixed) + 0.01 * smoothness(DDF)."""
-    from ran_bundle.networks.blocks import warp
-
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_ctx(device, amp):
-        ddf = model(x)
-    ddf = ddf.float()
-    moving, fixed = x[:, :1], x[:, 1:]
-    warped = warp(moving, ddf)
-    smooth = sum((ddf.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
-    loss = nn.functional.mse_loss(warped, fixed) + 0.01 * smooth
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-# --------------------------------------------------------------------------- meta pass: FLOPs + memory need
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Tracks the bytes of live (non-view) tensors created by dispatched ops; ``peak`` is their maximum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t._is_view():
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
-        return out
-
-
-def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool, checkpointing: bool = False) -> dict:
-    """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    info: dict = {}
-    with torch.device("meta"):
-        model = build_model(name, checkpointing)
-        x = torch.zeros(1, 2, *size)
-    info["params"] = n_params(model)
-    info["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    try:
-        model.eval()
-        tracker = _LiveBytes()
-        with FlopCounterMode(display=False) as counter, tracker, torch.inference_mode(), autocast_ctx("cpu", amp):
-            model(x)
-        info["flops"] = counter.get_total_flops()
-        info["fwd_bytes"] = tracker.peak
-    except Exception as exc:  # noqa: BLE001 - any failure: fall back to counting on the real device
-        info["meta_error"] = f"{type(exc).__name__}: {exc}"[:200]
-        return info
-    if train:
-        try:
-            model.train()
-            tracker = _LiveBytes()
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-            with tracker:
-                train_step_fn(model, opt, x, "cpu", amp)
-            # Adam state (2 x params) and gradients are created inside the tracked region already
-            info["train_bytes"] = tracker.peak
-        except Exception as exc:  # noqa: BLE001
-            info["meta_train_error"] = f"{type(exc).__name__}: {exc}"[:200]
-    return info
 
 
 def estimate_need_gb(live_bytes: int | None) -> float | None:
@@ -345,36 +216,6 @@ def run_worker(args: argparse.Namespace, model: str, size: str, mode: str, count
 
 
 # ------------------------------------------------------------------------------------------------ report
-def machine_line(device: str) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    cores = os.cpu_count()
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
-        import monai
-
-        monai_v = monai.__version__
-    except ImportError:
-        monai_v = "?"
-    dev = "cpu"
-    if device == "cuda":
-        dev = f"cuda ({torch.cuda.get_device_name()})"
-    return (
-        f"Machine: {cpu}, {cores} cores, {torch.get_num_threads()} torch threads; "
-        f"Python {platform.python_version()}, torch {torch.__version__}, monai {monai_v}; device: {dev}"
-    )
-
-
 def _fmt(value, spec: str) -> str:
     if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
         return format(value, spec)

@@ -5,7 +5,7 @@ and intensity factors (:class:`ran_bundle.data.RandomPairDataset` seeded with ``
 Adam with a cosine schedule from ``--lr`` down to 1% of it, batch 1, and the same unsupervised loss
 (:class:`ran_bundle.losses.RegistrationLoss`: ``--sim-weight`` x masked local NCC or MSE + ``--smooth-weight`` x
 edge-aware smoothness). The network's weights are seeded with ``--seed`` too. The models are built by
-``scripts/benchmark.py``'s ``build_model`` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
+:func:`ran_bundle.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
 DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
 :func:`ran_bundle.networks.blocks.warp`.
 
@@ -13,9 +13,9 @@ Evaluation: the ``test_pairs`` of the datalist (the ``validation_pairs`` when th
 the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms` in ``"eval"`` mode, full images),
 scored with :func:`ran_bundle.metrics.evaluate_pair` (Dice, HD95 and ASD in mm per label, % of voxels with
 ``det J <= 0`` inside the fixed labels, SDlogJ over the whole grid), for every model and for the identity (no
-registration). Efficiency: parameters, forward GFLOPs at the evaluation size (``scripts/benchmark.py``'s meta-device
-count) and the median forward time per pair on ``--device``. No checkpoint selection: each model is scored after
-its last step, so the evaluation pairs never influence training.
+registration). Efficiency: parameters, forward GFLOPs at the evaluation size (meta-device count of
+:func:`ran_bundle.profiling.meta_pass`) and the median forward time per pair on ``--device``. No checkpoint
+selection: each model is scored after its last step, so the evaluation pairs never influence training.
 
 Outputs under ``--out`` (default ``docs/results``): ``compare.md`` (settings, machine, training time per model,
 the summary table and the per-label table), ``compare_dice.svg`` (box plots of Dice per label, paper Fig. 6),
@@ -51,7 +51,7 @@ from monai.utils import set_determinism
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
 from ran_bundle import svg  # noqa: E402
@@ -61,8 +61,9 @@ from ran_bundle.fields import spacing_of  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
 from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
+from ran_bundle.peers import ALL_MODELS, build_model, n_params  # noqa: E402
+from ran_bundle.profiling import machine_line, meta_pass  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
-from scripts.benchmark import ALL_MODELS, build_model, machine_line, meta_pass, n_params  # noqa: E402
 
 DEFAULT_MODELS = ("RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")
 IDENTITY = "identity"

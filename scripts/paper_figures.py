@@ -17,7 +17,7 @@ model (seed ``--seed``).
 
 The pair has a **known field**: the moving image is a real held-out subject (the moving image of the first
 evaluation pair of the datalist the models were trained on, preprocessed as in training) and the fixed image is
-that subject warped by a smooth random field ``u`` from ``scripts/make_tiny_dataset.py``'s generator (small rigid
+that subject warped by a smooth random field ``u`` from :func:`ran_bundle.tiny_ct.random_field` (small rigid
 motion + Gaussian-smoothed displacement of a few voxels, no folding), so ``fixed(x) = moving(x + u(x))`` and the
 ideal prediction is ``u``. With it, the table also reports, on the fixed labels, the mean end-point error
 ``|phi - u|`` and the share of voxels within ``--tolerance`` voxels of ``u`` (a stricter notion of "correct").
@@ -49,18 +49,17 @@ from monai.data import list_data_collate
 from scipy.ndimage import gaussian_filter
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
 from ran_bundle import svg  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.engines import prepare_batch  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
+from ran_bundle.peers import build_model  # noqa: E402
 from ran_bundle.theory import preset_theory  # noqa: E402
+from ran_bundle.tiny_ct import random_field, warp_volume  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
-from scripts.benchmark import build_model  # noqa: E402
-from scripts.make_tiny_dataset import random_field  # noqa: E402
-from scripts.make_tiny_dataset import warp as warp_numpy  # noqa: E402
 
 THEORY_PRESETS = ("RAn0", "RAn3", "RAn4", "RAn4+", "ref")
 FIG7_MODELS = ("RAn0", "RAn3", "RAn4+")
@@ -134,8 +133,8 @@ def known_field_pair(train_args: dict[str, Any], seed: int) -> dict[str, torch.T
     image = d["moving_image"][0].numpy().astype(np.float64)
     label = d["moving_label"][0].numpy()
     field, _ = random_field(image.shape, np.random.default_rng(seed))
-    fixed = warp_numpy(image, field, order=1)
-    fixed_label = warp_numpy(label, field, order=0)
+    fixed = warp_volume(image, field, order=1)
+    fixed_label = warp_volume(label, field, order=0)
     batch = list_data_collate(
         [
             {

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
+if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
 from ignite.engine import Events  # noqa: E402

@@ -1,4 +1,4 @@
-"""Smoke test of ``scripts/benchmark.py``: it runs and prints a well-formed table.
+"""Smoke test of ``scripts/benchmark.py``: it runs and prints a well-formed table; its models and meta-device count.
 
 No timing or memory assertions: speed/memory targets live in the benchmark script and its reports.
 """
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 
 def _table_rows(text: str) -> dict[str, dict[str, str]]:
@@ -37,3 +39,16 @@ def test_benchmark_tiny(repo_root, tmp_path):
         assert row["time / voxelmorph"] == "n/a"  # baseline not run
     # exact parameter count of the released topology (6 decimals of millions = exact count)
     assert round(float(rows["ref"]["params (M)"]) * 1e6) == 738_030
+
+
+def test_peer_models_and_meta_pass():
+    """Every peer is built by name (an unknown name is refused) and counted on the meta device, at no real cost."""
+    from ran_bundle.peers import ALL_MODELS, build_model, n_params
+    from ran_bundle.profiling import meta_pass
+
+    assert {"voxelmorph", "localnet", "RAn4+"} <= set(ALL_MODELS)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("unet")
+    info = meta_pass("localnet", (32, 32, 32), train=True, amp=False)
+    assert info["params"] == n_params(build_model("localnet")) and info["flops"] > 0
+    assert info["train_bytes"] > info["fwd_bytes"] > 0

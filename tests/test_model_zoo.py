@@ -8,6 +8,7 @@ rewritten to that server, ``python -m monai.bundle download --url`` of the relea
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -21,11 +22,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "large_files.yml"
-sys.path.insert(0, str(REPO / "scripts"))
-import check_model_zoo  # noqa: E402  (a script, not a package: imported from its folder)
-from check_model_zoo import md5  # noqa: E402
-
-sys.path.remove(str(REPO / "scripts"))
+# a script, not a package: loaded from its file, without putting scripts/ on sys.path
+_spec = importlib.util.spec_from_file_location("check_model_zoo", REPO / "scripts" / "check_model_zoo.py")
+check_model_zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_model_zoo)
+md5 = check_model_zoo.md5
 
 
 def entries() -> list[dict[str, str]]:

@@ -1,0 +1,156 @@
+"""Cost of a network without running it for real, and the machine line of the reports.
+
+:func:`meta_pass` counts parameters, forward FLOPs and the live tensor bytes of a forward (and a training step) on
+the ``meta`` device, at the real size, without compute or memory; :func:`machine_line` describes the machine.
+Shared by ``scripts/benchmark.py`` and ``scripts/compare.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import weakref
+from contextlib import AbstractContextManager
+
+import torch
+from torch import nn
+
+from ran_bundle.peers import build_model, n_params
+from ran_bundle.tensors import autocast_if
+
+__all__ = ["autocast_ctx", "train_step_fn", "meta_pass", "machine_line"]
+
+
+def autocast_ctx(device: str, amp: bool) -> AbstractContextManager:
+    """Mixed precision of the benchmarks when ``amp``: bfloat16 on ``"cpu"``, float16 on ``"cuda"``."""
+    return autocast_if(amp, device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
+
+
+def train_step_fn(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, device: str, amp: bool
+) -> torch.Tensor:
+    """One forward + backward + Adam step with MSE(warped, fixed) + 0.01 * smoothness(DDF).
+
+    Args:
+        model: called as ``model(x)`` -> DDF ``(B, 3, *S)`` (:func:`ran_bundle.peers.build_model`).
+        optimizer: the optimiser of ``model``'s parameters.
+        x: ``(B, 2, *S)`` moving and fixed images stacked as channels.
+        device: ``"cpu"`` or ``"cuda"`` (the autocast type).
+        amp: forward under :func:`autocast_ctx`.
+
+    Returns:
+        The loss, a detached scalar tensor.
+    """
+    from ran_bundle.networks.blocks import warp
+
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_ctx(device, amp):
+        ddf = model(x)
+    ddf = ddf.float()
+    moving, fixed = x[:, :1], x[:, 1:]
+    warped = warp(moving, ddf)
+    smooth = sum((ddf.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
+    loss = nn.functional.mse_loss(warped, fixed) + 0.01 * smooth
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Tracks the bytes of live (non-view) tensors created by dispatched ops; ``peak`` is their maximum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t._is_view():
+                nbytes = t.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+
+def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool, checkpointing: bool = False) -> dict:
+    """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device.
+
+    Args:
+        name: a model of :data:`ran_bundle.peers.ALL_MODELS`.
+        size: spatial size ``S`` of the input ``(1, 2, *S)``.
+        train: also track a training step (:func:`train_step_fn`).
+        amp: under :func:`autocast_ctx` (``"cpu"``).
+        checkpointing: the RAN presets' activation checkpointing.
+
+    Returns:
+        ``{"params", "param_bytes", "flops", "fwd_bytes"[, "train_bytes"]}``; ``"meta_error"`` (and no FLOPs) when
+        the model cannot run on the meta device, ``"meta_train_error"`` when its training step cannot.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    info: dict = {}
+    with torch.device("meta"):
+        model = build_model(name, checkpointing)
+        x = torch.zeros(1, 2, *size)
+    info["params"] = n_params(model)
+    info["param_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        model.eval()
+        tracker = _LiveBytes()
+        with FlopCounterMode(display=False) as counter, tracker, torch.inference_mode(), autocast_ctx("cpu", amp):
+            model(x)
+        info["flops"] = counter.get_total_flops()
+        info["fwd_bytes"] = tracker.peak
+    except Exception as exc:  # noqa: BLE001 - any failure: fall back to counting on the real device
+        info["meta_error"] = f"{type(exc).__name__}: {exc}"[:200]
+        return info
+    if train:
+        try:
+            model.train()
+            tracker = _LiveBytes()
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            with tracker:
+                train_step_fn(model, opt, x, "cpu", amp)
+            # Adam state (2 x params) and gradients are created inside the tracked region already
+            info["train_bytes"] = tracker.peak
+        except Exception as exc:  # noqa: BLE001
+            info["meta_train_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    return info
+
+
+def machine_line(device: str) -> str:
+    """One line naming the CPU, cores, torch threads, Python, torch and MONAI versions and ``device`` (``"cpu"`` or
+    ``"cuda"``, with the GPU's name)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = os.cpu_count()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    try:
+        import monai
+
+        monai_v = monai.__version__
+    except ImportError:
+        monai_v = "?"
+    dev = "cpu"
+    if device == "cuda":
+        dev = f"cuda ({torch.cuda.get_device_name()})"
+    return (
+        f"Machine: {cpu}, {cores} cores, {torch.get_num_threads()} torch threads; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, monai {monai_v}; device: {dev}"
+    )
