@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -27,9 +28,10 @@ TRAIN = "configs/train.json"
 EVALUATE = "configs/evaluate.json"
 INFERENCE = "configs/inference.json"
 META = "configs/metadata.json"
-ROI = "[32,32,16]"
+ROI = [32, 32, 16]
 SPATIAL = [64, 48, 16]  # eval/inference centre pad/crop, keeps the full-resolution passes short
-SPATIAL_ARG = json.dumps(SPATIAL).replace(" ", "")
+#: overrides of the tiny training runs: small crops and eval size, no progress bar
+TINY_TRAINING = {"roi_size": ROI, "spatial_size": SPATIAL, "progress_bar": False}
 
 
 def bundle(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -46,6 +48,29 @@ def bundle(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return proc
 
 
+def cli_value(value: Any) -> str:
+    """A config override as ``monai.bundle`` reads it: lists as JSON without spaces, anything else ``str``."""
+    return json.dumps(value).replace(" ", "") if isinstance(value, (list, tuple)) else str(value)
+
+
+def bundle_run(
+    workflow: str | None, config_file: str, output_dir: Path, **overrides: Any
+) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run [workflow]`` of ``config_file`` with this repository as the bundle root.
+
+    Args:
+        workflow: the config key to run (``"training"``), ``None`` for the config's default ``"run"``.
+        config_file: one config or a :func:`merged` list of them.
+        output_dir: the ``--output_dir`` override.
+        overrides: more ``--key value`` overrides (values converted by :func:`cli_value`).
+    """
+    args = ["run", *([workflow] if workflow else []), "--config_file", config_file, "--bundle_root", str(REPO)]
+    args += ["--output_dir", str(output_dir)]
+    for key, value in overrides.items():
+        args += [f"--{key}", cli_value(value)]
+    return bundle(*args)
+
+
 def merged(*files: str) -> str:
     return "[" + ",".join(f"'{f}'" for f in files) + "]"
 
@@ -55,66 +80,21 @@ def trained(tmp_path_factory) -> dict[str, Path | str]:
     """One tiny training run: 1 epoch of 2 random pairs, validation on the 2 tiny_ct validation pairs."""
     root = tmp_path_factory.mktemp("bundle")
     ckpt_dir, out_dir = root / "models", root / "train_out"
-    proc = bundle(
-        "run",
-        "training",
-        "--config_file",
-        TRAIN,
-        "--bundle_root",
-        str(REPO),
-        "--ckpt_dir",
-        str(ckpt_dir),
-        "--output_dir",
-        str(out_dir),
-        "--num_epochs",
-        "1",
-        "--pairs_per_epoch",
-        "2",
-        "--roi_size",
-        ROI,
-        "--spatial_size",
-        SPATIAL_ARG,
-        "--progress_bar",
-        "False",
-    )
+    proc = bundle_run("training", TRAIN, out_dir, ckpt_dir=ckpt_dir, num_epochs=1, pairs_per_epoch=2, **TINY_TRAINING)
     return {"root": root, "ckpt_dir": ckpt_dir, "out_dir": out_dir, "log": proc.stdout + proc.stderr}
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained) -> Path:
     out = trained["root"] / "evaluate"
-    bundle(
-        "run",
-        "--config_file",
-        merged(TRAIN, EVALUATE),
-        "--bundle_root",
-        str(REPO),
-        "--ckpt_dir",
-        str(trained["ckpt_dir"]),
-        "--output_dir",
-        str(out),
-        "--spatial_size",
-        SPATIAL_ARG,
-    )
+    bundle_run(None, merged(TRAIN, EVALUATE), out, ckpt_dir=trained["ckpt_dir"], spatial_size=SPATIAL)
     return out
 
 
 @pytest.fixture(scope="module")
 def inferred(trained) -> Path:
     out = trained["root"] / "inference"
-    bundle(
-        "run",
-        "--config_file",
-        INFERENCE,
-        "--bundle_root",
-        str(REPO),
-        "--ckpt_path",
-        str(trained["ckpt_dir"] / "model.pt"),
-        "--output_dir",
-        str(out),
-        "--spatial_size",
-        SPATIAL_ARG,
-    )
+    bundle_run(None, INFERENCE, out, ckpt_path=trained["ckpt_dir"] / "model.pt", spatial_size=SPATIAL)
     return out
 
 
@@ -302,31 +282,18 @@ def test_short_training_raises_validation_dice_over_identity(tiny_ct, tmp_path):
     datalist = tmp_path / "atlas_pair.json"
     datalist.write_text(json.dumps({"training": [moving], "validation": [moving], "atlas": atlas}))
     spacing = [6.0, 6.0, 6.0]
-    proc = bundle(
-        "run",
+    proc = bundle_run(
         "training",
-        "--config_file",
         TRAIN,
-        "--bundle_root",
-        str(REPO),
-        "--datalist",
-        str(datalist),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--spacing",
-        json.dumps(spacing).replace(" ", ""),
-        "--roi_size",
-        "[64,48,16]",
-        "--num_epochs",
-        "3",
-        "--pairs_per_epoch",
-        "8",
-        "--learning_rate",
-        "0.003",
-        "--progress_bar",
-        "False",
+        tmp_path / "out",
+        datalist=datalist,
+        ckpt_dir=tmp_path / "models",
+        spacing=spacing,
+        roi_size=[64, 48, 16],
+        num_epochs=3,
+        pairs_per_epoch=8,
+        learning_rate=0.003,
+        progress_bar=False,
     )
     log = proc.stdout + proc.stderr
     dices = [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([0-9.]+)", log)]
@@ -354,31 +321,16 @@ def test_short_training_raises_validation_dice_over_identity(tiny_ct, tmp_path):
 def test_training_starts_from_pretrained_weights_with_one_override(tmp_path):
     """--pretrained_ckpt loads the model weights (here the shipped ones) before the first step; with a
     zero learning rate they come out unchanged."""
-    bundle(
-        "run",
+    bundle_run(
         "training",
-        "--config_file",
         TRAIN,
-        "--bundle_root",
-        str(REPO),
-        "--ckpt_dir",
-        str(tmp_path / "models"),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--pretrained_ckpt",
-        str(REPO / "models" / "model.pt"),
-        "--learning_rate",
-        "0.0",
-        "--num_epochs",
-        "1",
-        "--pairs_per_epoch",
-        "1",
-        "--roi_size",
-        ROI,
-        "--spatial_size",
-        SPATIAL_ARG,
-        "--progress_bar",
-        "False",
+        tmp_path / "out",
+        ckpt_dir=tmp_path / "models",
+        pretrained_ckpt=REPO / "models" / "model.pt",
+        learning_rate=0.0,
+        num_epochs=1,
+        pairs_per_epoch=1,
+        **TINY_TRAINING,
     )
     shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=False)["model"]
     trained = torch.load(tmp_path / "models" / "model_last.pt", map_location="cpu", weights_only=False)["model"]
