@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from ran_bundle.peers import build_model, n_params
+from ran_bundle.networks.peers import build_model, n_params
 from ran_bundle.tensors import autocast_if
 
 __all__ = ["autocast_ctx", "train_step_fn", "meta_pass", "machine_line"]
@@ -32,7 +32,7 @@ def train_step_fn(
     """One forward + backward + Adam step with MSE(warped, fixed) + 0.01 * smoothness(DDF).
 
     Args:
-        model: called as ``model(x)`` -> DDF ``(B, 3, *S)`` (:func:`ran_bundle.peers.build_model`).
+        model: called as ``model(x)`` -> DDF ``(B, 3, *S)`` (:func:`ran_bundle.networks.peers.build_model`).
         optimizer: the optimiser of ``model``'s parameters.
         x: ``(B, 2, *S)`` moving and fixed images stacked as channels.
         device: ``"cpu"`` or ``"cuda"`` (the autocast type).
@@ -82,7 +82,7 @@ def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool, che
     """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device.
 
     Args:
-        name: a model of :data:`ran_bundle.peers.ALL_MODELS`.
+        name: a model of :data:`ran_bundle.networks.peers.ALL_MODELS`.
         size: spatial size ``S`` of the input ``(1, 2, *S)``.
         train: also track a training step (:func:`train_step_fn`).
         amp: under :func:`autocast_ctx` (``"cpu"``).

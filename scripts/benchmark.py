@@ -64,7 +64,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from ran_bundle.peers import ALL_MODELS, build_model  # noqa: E402
+from ran_bundle.networks.peers import ALL_MODELS, build_model  # noqa: E402
 from ran_bundle.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
 
 DEFAULT_SIZES = ("96x80x128",)

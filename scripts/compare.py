@@ -5,7 +5,7 @@ and intensity factors (:class:`ran_bundle.data.RandomPairDataset` seeded with ``
 Adam with a cosine schedule from ``--lr`` down to 1% of it, batch 1, and the same unsupervised loss
 (:class:`ran_bundle.losses.RegistrationLoss`: ``--sim-weight`` x masked local NCC or MSE + ``--smooth-weight`` x
 edge-aware smoothness). The network's weights are seeded with ``--seed`` too. The models are built by
-:func:`ran_bundle.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
+:func:`ran_bundle.networks.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
 DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
 :func:`ran_bundle.networks.blocks.warp`.
 
@@ -61,7 +61,7 @@ from ran_bundle.fields import spacing_of  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
 from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.peers import ALL_MODELS, build_model, n_params  # noqa: E402
+from ran_bundle.networks.peers import ALL_MODELS, build_model, n_params  # noqa: E402
 from ran_bundle.profiling import machine_line, meta_pass  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
 

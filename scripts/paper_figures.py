@@ -56,7 +56,7 @@ from ran_bundle import svg  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.engines import prepare_batch  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.peers import build_model  # noqa: E402
+from ran_bundle.networks.peers import build_model  # noqa: E402
 from ran_bundle.theory import preset_theory  # noqa: E402
 from ran_bundle.tiny_ct import random_field, warp_volume  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402

@@ -43,7 +43,7 @@ def test_benchmark_tiny(repo_root, tmp_path):
 
 def test_peer_models_and_meta_pass():
     """Every peer is built by name (an unknown name is refused) and counted on the meta device, at no real cost."""
-    from ran_bundle.peers import ALL_MODELS, build_model, n_params
+    from ran_bundle.networks.peers import ALL_MODELS, build_model, n_params
     from ran_bundle.profiling import meta_pass
 
     assert {"voxelmorph", "localnet", "RAn4+"} <= set(ALL_MODELS)
