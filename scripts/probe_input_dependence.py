@@ -19,11 +19,13 @@ Usage::
 
     python scripts/probe_input_dependence.py --networks ref localnet --steps 300
     python scripts/probe_input_dependence.py --networks ref --lr 3e-4 --steps 400 --out probe.md
+    python scripts/probe_input_dependence.py --networks RAn3:q=1 RAn3:q=2 --steps 300
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import time
 from pathlib import Path
 
@@ -65,9 +67,13 @@ def random_pairs(
 
 
 def make_network(name: str) -> torch.nn.Module:
-    """A RAN preset by name, or MONAI's ``localnet`` (2 input channels, DDF out) as the reference learner."""
-    if name in PRESETS:
-        return ResidualAlignerNetwork(spatial_dims=2, preset=name)
+    """A RAN preset by name, with optional :class:`~ran_bundle.networks.RANConfig` overrides after colons
+    (``RAn3:q=1``, ``ref:head_weighting='softmax'``), or MONAI's ``localnet`` (2 input channels, DDF out) as the
+    reference learner."""
+    preset, *overrides = name.split(":")
+    if preset in PRESETS:
+        config = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in overrides)}
+        return ResidualAlignerNetwork(spatial_dims=2, preset=preset, **config)
     if name == "localnet":
         return LocalNet(spatial_dims=2, in_channels=2, out_channels=2, num_channel_initial=16, extract_levels=(3,))
     raise ValueError(f"unknown network {name!r}; choose a RAN preset {sorted(PRESETS)} or 'localnet'")
@@ -135,7 +141,9 @@ def markdown(results: dict[str, list[dict[str, float]]], args: argparse.Namespac
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--networks", nargs="+", default=["ref", "localnet"], help="RAN presets and/or localnet")
+    parser.add_argument(
+        "--networks", nargs="+", default=["ref", "localnet"], help="RAN presets (overrides: RAn3:q=1), localnet"
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--every", type=int, default=50, help="report every this many steps")
     parser.add_argument("--lr", type=float, default=1e-3)

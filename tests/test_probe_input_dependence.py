@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 
 def test_probe_runs_every_network_and_reports_each_step(repo_root, tmp_path):
@@ -27,3 +30,13 @@ def test_probe_refuses_a_size_the_networks_cannot_take(repo_root):
     cmd = [sys.executable, str(repo_root / "scripts" / "probe_input_dependence.py"), "--size", "40"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo_root)
     assert proc.returncode == 2 and "--size must be a multiple of 16" in proc.stderr
+
+
+def test_probe_builds_presets_with_config_overrides(repo_root):
+    spec = importlib.util.spec_from_file_location("probe", repo_root / "scripts" / "probe_input_dependence.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    network = probe.make_network("RAn3:q=1:head_weighting='softmax'")
+    assert (network.config.q, network.config.head_weighting, network.spatial_dims) == (1, "softmax", 2)
+    with pytest.raises(ValueError, match="unknown network 'voxelmorph3'"):
+        probe.make_network("voxelmorph3")
