@@ -10,8 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-deploy/.venv}"
+# a venv cannot be moved once made, so it is built in place and removed again if any step fails:
+# the tests never find a half-made one
+trap 'rm -rf "$venv"; echo "make_deploy_env: failed, $venv removed" >&2' ERR
 python -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet torch==2.13.0
 "$venv/bin/python" -m pip install --quiet -e ".[deploy]"
 "$venv/bin/python" -c "import monai, monai.deploy, pydicom, highdicom; print('MONAI', monai.__version__, '+ MONAI Deploy App SDK', monai.deploy.__version__)"
+trap - ERR
 echo "deploy env ready: $venv/bin/python (a venv elsewhere than deploy/.venv: set RAN_DEPLOY_PYTHON for the tests)"
