@@ -15,8 +15,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv-monailabel}"
+# built in place (a venv cannot be moved) and removed again if any step fails: the tests never find a
+# half-made one
+trap 'rm -rf "$venv"; echo "make_monailabel_env: failed, $venv removed" >&2' ERR
 python -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet torch==2.14.1 torchvision==0.29.1 monai==1.6.1 monailabel==0.8.5 \
     pydicom==2.4.4 pynetdicom==2.0.2 dicomweb-client==0.59.1 nibabel==5.4.2 SimpleITK==2.5.7 pytorch-ignite==0.5.5
 "$venv/bin/python" -c "import monai, monailabel, numpy, torch, torchvision; from monailabel.interfaces.app import MONAILabelApp; from monailabel.tasks.infer.bundle import BundleInferTask; print('MONAI Label', monailabel.__version__, '| MONAI', monai.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| numpy', numpy.__version__)"
+trap - ERR
 echo "MONAI Label env ready: $venv/bin/python (tests: RAN_MONAILABEL_PYTHON=$venv/bin/python python -m pytest -m monailabel)"
