@@ -14,6 +14,10 @@ What it measures, for every (model, input size) pair, batch size 1, one image pa
 * ``peak mem (GB)``: on CPU the increase of the peak resident set size (``ru_maxrss``) of a fresh
   subprocess over the forward passes (model and input already allocated before the "before" reading);
   on cuda ``torch.cuda.max_memory_allocated`` (model and input included).
+* ``tensors (GiB)``: peak bytes of live tensors tracked in a ``meta``-device pass at the real size
+  (:func:`ran_bundle.profiling.meta_pass`; with ``--amp`` all activations in bfloat16): the memory a GPU's
+  allocator must hold, without cuDNN workspaces; on CPU the measured peak is higher (convolution buffers).
+  ``--estimate-only`` reports only these meta-device figures, in seconds at any size.
 * with ``--train``: one optimisation step (forward + backward + Adam step, MSE of the warped moving
   image to the fixed image + 0.01 x squared finite-difference smoothness of the DDF, warping with
   :func:`ran_bundle.networks.blocks.warp`), its median time and peak memory, in a separate subprocess.
@@ -22,7 +26,7 @@ What it measures, for every (model, input size) pair, batch size 1, one image pa
 
 Every measurement runs in its own subprocess so that peaks do not leak across models, with a timeout
 (``--timeout``, recorded as ``timeout``). On CPU a (model, size) whose estimated memory need (live
-tensor bytes tracked during a ``meta``-device pass, x 1.5 + 0.5 GB) exceeds ``MemAvailable`` is
+tensor bytes tracked during a ``meta``-device pass, x 3 + 0.5 GB) exceeds ``MemAvailable`` is
 recorded as ``skipped (needs ~X GB)``; a subprocess killed by the OOM killer or raising an
 out-of-memory error is recorded as ``OOM``.
 
@@ -31,7 +35,7 @@ Models: the RAN presets (``ref``, ``RAn0``, ``RAn3``, ``RAn4``, ``RAn4+``), ``vo
 timed up to the DDF, i.e. without its final warp of the moving image) and ``localnet``
 (``monai.networks.nets.LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32,
 extract_levels=(0, 1, 2, 3))``). Note: ``ResidualAlignerNetwork.forward`` evaluates both registration
-directions (batch 2 internally), which is included in its FLOPs, time and memory.
+directions (batch 2 internally) in every module but the last, which is included in its FLOPs, time and memory.
 
 Speed and memory TARGETS live here (and in the reports this script writes), never in the test-suite:
 ``tests/test_benchmark.py`` only checks that the script runs and produces a well-formed table.
@@ -41,7 +45,7 @@ Usage::
     python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
         [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet] [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
-        [--budget S] [--threads N] [--checkpointing]
+        [--budget S] [--threads N] [--checkpointing] [--estimate-only]
 """
 
 from __future__ import annotations
@@ -84,10 +88,15 @@ def size_str(size: tuple[int, ...]) -> str:
 
 
 def estimate_need_gb(live_bytes: int | None) -> float | None:
-    """Conservative RSS need from the tracked live tensor bytes (workspaces/allocator slack not tracked)."""
+    """Conservative RSS need from the tracked live tensor bytes.
+
+    The CPU's convolution buffers (the unfolded input of dilated 3D convolutions), bfloat16 copies under
+    autocast and allocator slack are not tracked: measured CPU peaks of the RAN were 1.7x (float32) to 2.9x
+    (``--amp``) the tracked bytes at 96x80x128.
+    """
     if live_bytes is None:
         return None
-    return live_bytes * 1.5 / 1e9 + 0.5
+    return live_bytes * 3 / 1e9 + 0.5
 
 
 def mem_available_gb() -> float | None:
@@ -222,12 +231,17 @@ def _fmt(value, spec: str) -> str:
     return str(value) if value is not None else "–"
 
 
+def _gib(nbytes: int | None) -> str:
+    return f"{nbytes / 2**30:.2f}" if nbytes is not None else "–"
+
+
 def make_table(rows: list[dict], baseline: str, train: bool) -> str:
     base = {r["size"]: r for r in rows if r["model"] == baseline}
-    head = ["model", "size", "params (M)", "GFLOPs", "time/pair (s)", "peak mem (GB)"]
+    head = ["model", "size", "params (M)", "GFLOPs", "time/pair (s)", "peak mem (GB)", "tensors (GiB)"]
     head += [f"time / {baseline}", f"mem / {baseline}"]
     if train:
-        head += ["train step (s)", "train peak (GB)", f"train time / {baseline}", f"train mem / {baseline}"]
+        head += ["train step (s)", "train peak (GB)", "train tensors (GiB)"]
+        head += [f"train time / {baseline}", f"train mem / {baseline}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
     def ratio(key: str, r: dict) -> str:
@@ -244,14 +258,14 @@ def make_table(rows: list[dict], baseline: str, train: bool) -> str:
         t = _fmt(r.get("time", r.get("status")), ".3f")
         if "repeats" in r and r["repeats"] != r.get("repeats_asked", r["repeats"]):
             t += f" (n={r['repeats']})"
-        cells += [t, _fmt(r.get("peak_gb", r.get("status")), ".2f")]
+        cells += [t, _fmt(r.get("peak_gb", r.get("status")), ".2f"), _gib(r.get("fwd_bytes"))]
         cells += [ratio("time", r), ratio("peak_gb", r)]
         if train:
             st = r.get("train_status")
             tt = _fmt(r.get("train_time", st), ".3f")
             if "train_repeats" in r and r["train_repeats"] != r["repeats_asked"]:
                 tt += f" (n={r['train_repeats']})"
-            cells += [tt, _fmt(r.get("train_peak_gb", st), ".2f")]
+            cells += [tt, _fmt(r.get("train_peak_gb", st), ".2f"), _gib(r.get("train_bytes"))]
             cells += [ratio("train_time", r), ratio("train_peak_gb", r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -261,10 +275,13 @@ def measure(args: argparse.Namespace, name: str, size: tuple[int, int, int], log
     s = size_str(size)
     meta = meta_pass(name, size, args.train, args.amp, args.checkpointing)
     row: dict = {"model": name, "size": s, "params": meta["params"], "flops": meta.get("flops")}
+    row["fwd_bytes"], row["train_bytes"] = meta.get("fwd_bytes"), meta.get("train_bytes")
     row["repeats_asked"] = args.repeats
     avail = mem_available_gb() if args.device == "cpu" else None
 
     def guarded(mode: str, live_key: str, count_flops: bool = False) -> dict:
+        if args.estimate_only:
+            return {"status": "not run"}
         need = estimate_need_gb(meta.get(live_key))
         if avail is not None and need is not None and need > 0.9 * avail:
             log(f"  {name} {s} {mode}: skipped, needs ~{need:.1f} GB, {avail:.1f} GB available")
@@ -315,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds of timed passes per measurement: fewer than --repeats (>= 1) when one pass is slow (0: off)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
+    p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="only the meta-device figures (params, GFLOPs, tensors): no real pass, seconds at any size",
+    )
     # internal: one measurement in a fresh subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -356,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
         "GFLOPs: torch.utils.flop_counter.FlopCounterMode, one forward, meta device at the real size "
         "(* = counted by a real forward); convs/matmuls only.",
         "Peak mem: CPU = ru_maxrss increase of a fresh subprocess during the passes; cuda = max_memory_allocated.",
-        "RAN forward evaluates both registration directions; voxelmorph is timed up to its DDF (no final warp).",
+        "Tensors: peak bytes of live tensors in a meta-device pass at the real size (params, activations, "
+        "gradients, Adam state; with --amp every activation in bfloat16): what a GPU's allocator must hold, "
+        "cuDNN workspaces and allocator slack excluded. CPU peaks are higher (convolution buffers, allocator).",
+        "RAN forward evaluates both registration directions up to its last RA module, which computes only the "
+        "moving -> fixed one; voxelmorph is timed up to its DDF (no final warp).",
         "(n=k): only k timed passes fitted --budget; the time is their median.",
-        "skipped (needs ~X GB): estimated need (meta-device live tensors x 1.5 + 0.5 GB) > 90% of MemAvailable.",
+        "skipped (needs ~X GB): estimated need (meta-device live tensors x 3 + 0.5 GB) > 90% of MemAvailable.",
     ]
     if args.baseline not in args.models:
         notes.append(f"Baseline {args.baseline} not in --models: ratio columns are n/a.")

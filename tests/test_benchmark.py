@@ -52,3 +52,34 @@ def test_peer_models_and_meta_pass():
     info = meta_pass("localnet", (32, 32, 32), train=True, amp=False)
     assert info["params"] == n_params(build_model("localnet")) and info["flops"] > 0
     assert info["train_bytes"] > info["fwd_bytes"] > 0
+
+
+def test_meta_pass_memory_savings_are_counted():
+    """The meta-device tensor count sees what activation checkpointing and half precision save, and counts a
+    storage shared by several tensors (a ``detach`` alias) once."""
+    import torch
+
+    from ran_bundle.profiling import _LiveBytes, meta_pass
+
+    size = (64, 48, 80)
+    plain = meta_pass("ref", size, train=True, amp=False)["train_bytes"]
+    recomputed = meta_pass("ref", size, train=True, amp=False, checkpointing=True)["train_bytes"]
+    half = meta_pass("ref", size, train=True, amp=True, checkpointing=True)["train_bytes"]
+    assert recomputed < 0.5 * plain
+    assert 0.4 * recomputed < half < 0.6 * recomputed
+
+    tracker = _LiveBytes()
+    with torch.device("meta"), tracker:
+        x = torch.empty(1000)
+        aliases = [x.detach(), x.view(10, 100)]
+    assert tracker.peak == 4000 and len(aliases) == 2
+
+
+def test_estimate_only_reports_tensors_without_running(repo_root):
+    cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "192x160x256"]
+    cmd += ["--models", "ref", "--train", "--checkpointing", "--amp", "--estimate-only"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=repo_root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = _table_rows(proc.stdout)["ref"]
+    assert row["time/pair (s)"] == "not run" and row["train step (s)"] == "not run"
+    assert float(row["train tensors (GiB)"]) > float(row["tensors (GiB)"]) > 0

@@ -112,6 +112,27 @@ def test_activation_checkpointing_keeps_outputs_and_gradients():
     assert all(torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-8) for n in g0)
 
 
+@pytest.mark.parametrize("preset", ["ref", "RAn0"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_computes_only_the_needed_direction_in_the_last_module(preset, checkpointing):
+    """``forward`` runs the last RA module for the moving -> fixed rows only: the same DDF and the same
+    gradients as taking those rows of the two-way ``register``."""
+    torch.manual_seed(0)
+    net = ResidualAlignerNetwork(3, preset, activation_checkpointing=checkpointing)
+    torch.nn.init.normal_(net.output_head.weight, std=0.1)  # a non-trivial DDF
+    x = torch.rand(2, 2, 32, 32, 48)
+    grads = []
+    for run in (lambda: net(x), lambda: net.register(x).ddf):
+        net.zero_grad()
+        ddf = run()
+        ddf.square().mean().backward()
+        grads.append((ddf.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]))
+    (d0, g0), (d1, g1) = grads
+    assert d0.shape == (2, 3, 32, 32, 48) and d0.abs().mean() > 1e-3
+    assert torch.allclose(d0, d1, atol=1e-6)
+    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1, strict=True))
+
+
 def test_scalar_norm_normalises_whole_sample():
     x = torch.randn(2, 4, 5, 6, 7) * 3 + 5
     y = ScalarNorm()(x)

@@ -20,10 +20,16 @@ All shape-dependent operations are written with tensor ops on the input's shape,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+T = TypeVar("T")
 
 __all__ = [
     "ScalarNorm",
@@ -31,6 +37,7 @@ __all__ = [
     "warp",
     "resize_nearest_like",
     "swap_streams",
+    "run_checkpointed",
     "ResidualBlock",
     "MotionAwareEncoder",
     "SharedHeads",
@@ -72,12 +79,22 @@ class ScalarNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(1, x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        std = x.std(dim=dims, keepdim=True, unbiased=False)
-        return (x - mean) / (std + self.eps) * self.gamma + self.beta
+        std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=0)
+        scale = self.gamma / (std + self.eps)
+        # one full-size output (and autograd keeps only ``x``): x * scale + (beta - mean * scale)
+        return torch.addcmul(self.beta - mean * scale, x, scale)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+def run_checkpointed(enabled: bool, function: Callable[..., T], *args) -> T:
+    """``function(*args)``; when ``enabled`` and gradients are being recorded, through activation
+    checkpointing (``torch.utils.checkpoint``, non-reentrant): the activations inside ``function`` are
+    recomputed in the backward pass instead of kept. Results and gradients are unchanged."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
@@ -335,12 +352,19 @@ class ResidualAligner(nn.Module):
     def extra_repr(self) -> str:
         return f"dilation={self.dilation}, heads={self.heads}, first={self.first}, weighting={self.head_weighting}"
 
-    def regress(self, target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Regressor R_k: ``(2B, c, *S)`` twice -> residual DDF ``(2B, m*d, *S)``, attribute and feature
-        attribute ``(2B, m, *S)``."""
+    def _match(self, features: torch.Tensor, source: torch.Tensor, previous_ddf: torch.Tensor | None) -> torch.Tensor:
+        """Stage 1, the regressor's trunk: the source stream resampled, warped by the previous DDF, normalised and
+        convolved with ``features``; ``(N, c, *S)`` twice (and ``(N, d, *S)``) -> ``(N, width, *S)``."""
+        other = self.resample(source)
+        if previous_ddf is not None:
+            other = warp(other, previous_ddf)
+        x = self.act(self.regressor[0](torch.cat([self.norm_features(features), self.norm_warped(other)], dim=1)))
+        return self.act(self.regressor[2](self.act(self.regressor[1](x))) + x)
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage 2, the regressor's heads: ``(N, width, *S)`` -> m-head residual DDF ``(N, m*d, *S)``, attribute
+        ``vartheta`` and feature attribute ``(N, m, *S)``."""
         shared = self.shared[0]
-        x = self.act(self.regressor[0](torch.cat([target, source], dim=1)))
-        x = self.act(self.regressor[2](self.act(self.regressor[1](x))) + x)
         residual = shared.ddf_out(self.act(shared.ddf_hidden(x)))
         attribute = shared.attribute_logits(self.act(self.norm_attribute(shared.attribute_hidden(x))))
         feature_attribute = self.act(self.norm_feature_attribute(shared.feature_attribute(x)))
@@ -368,22 +392,16 @@ class ResidualAligner(nn.Module):
         stacked = torch.cat([per_head * weights, per_head.mean(dim=1, keepdim=True)], dim=1)
         return stacked.transpose(1, 2).reshape(b * d, self.heads + 1, *spatial)
 
-    def forward(
+    def _accumulate(
         self,
-        features: torch.Tensor,
+        residual: torch.Tensor,
+        attribute: torch.Tensor,
         previous_ddf: torch.Tensor | None,
         previous_theta: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``features (2B, c, *S)``, previous DDF ``(2B, d, *S)`` and attribute ``(2B, m, *S)`` (or ``None``)
-        -> updated features ``(2B, c, *S)``, DDF ``(2B, d, *S)``, attribute ``theta`` ``(2B, m, *S)``."""
-        if (previous_ddf is None) != self.first:
-            raise ValueError("only the first RA module runs without a previous DDF")
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 3 (eq. 11-12): fuse the attributes and accumulate the heads and the previous DDF into the new
+        DDF ``(N, d, *S)`` and attribute ``theta`` ``(N, m, *S)``."""
         shared = self.shared[0]
-        other = swap_streams(self.resample(features))
-        if previous_ddf is not None:
-            other = warp(other, previous_ddf)
-        residual, attribute, feature_attribute = self.regress(self.norm_features(features), self.norm_warped(other))
-
         fusion_in = attribute if previous_theta is None else torch.cat([attribute, previous_theta], dim=1)
         theta = shared.attribute_fusion(self.act(self.norm_fusion(self.attribute_fusion(fusion_in))))
 
@@ -392,12 +410,47 @@ class ResidualAligner(nn.Module):
             stacked = torch.cat([stacked, self.stack_heads(previous_ddf, theta, previous_theta)], dim=1)
         fused = shared.ddf_fusion(self.act(self.ddf_fusion(stacked)))
         if self.heads > 1:
-            b = features.shape[0]
-            fused = fused.reshape(b, self.spatial_dims, *fused.shape[2:])
-        ddf = clamp_to_grid(fused)
+            fused = fused.reshape(residual.shape[0], self.spatial_dims, *fused.shape[2:])
+        return clamp_to_grid(fused), theta
 
-        update = torch.cat([warp(swap_streams(features), ddf), feature_attribute], dim=1)
-        features = features + self.act(self.feature_update(update))
+    def _update_features(
+        self, features: torch.Tensor, source: torch.Tensor, ddf: torch.Tensor, feature_attribute: torch.Tensor
+    ) -> torch.Tensor:
+        """Stage 4: ``features`` ``(N, c, *S)`` updated with the source stream warped by the new DDF."""
+        update = torch.cat([warp(source, ddf), feature_attribute], dim=1)
+        return features + self.act(self.feature_update(update))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        previous_ddf: torch.Tensor | None,
+        previous_theta: torch.Tensor | None,
+        one_way: bool = False,
+        checkpointing: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``features (2B, c, *S)``, previous DDF ``(2B, d, *S)`` and attribute ``(2B, m, *S)`` (or ``None``)
+        -> updated features ``(N, c, *S)``, DDF ``(N, d, *S)``, attribute ``theta`` ``(N, m, *S)``.
+
+        ``N = 2B`` (both streams), or ``N = B`` with ``one_way``: only the fixed stream's rows ``[B:]`` (the
+        moving -> fixed DDF and the fixed stream's features), all that the network's last module must give
+        for the forward registration; the same values as the corresponding rows of the two-way result.
+        With ``checkpointing`` (and gradients recorded) each of the four stages recomputes its activations
+        in the backward pass instead of keeping them.
+        """
+        if (previous_ddf is None) != self.first:
+            raise ValueError("only the first RA module runs without a previous DDF")
+        source = swap_streams(features)  # at each row, the other stream
+        if one_way:
+            half = features.shape[0] // 2
+            features, source = features[half:], source[half:]
+            if previous_ddf is not None and previous_theta is not None:
+                previous_ddf, previous_theta = previous_ddf[half:], previous_theta[half:]
+        matched = run_checkpointed(checkpointing, self._match, features, source, previous_ddf)
+        residual, attribute, feature_attribute = run_checkpointed(checkpointing, self._heads, matched)
+        ddf, theta = run_checkpointed(
+            checkpointing, self._accumulate, residual, attribute, previous_ddf, previous_theta
+        )
+        features = run_checkpointed(checkpointing, self._update_features, features, source, ddf, feature_attribute)
         return features, ddf, theta
 
 

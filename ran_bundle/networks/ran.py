@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ran_bundle.networks.blocks import (
     HEAD_WEIGHTINGS,
@@ -17,6 +16,7 @@ from ran_bundle.networks.blocks import (
     SharedHeads,
     conv_nd,
     resize_nearest_like,
+    run_checkpointed,
     warp,
 )
 
@@ -136,9 +136,9 @@ class ResidualAlignerNetwork(nn.Module):
         preset: ``"ref"`` (released code), ``"RAn0"``, ``"RAn3"``, ``"RAn4"``, ``"RAn4+"``.
         in_channels: channels per image (1).
         activation_checkpointing: in training (grad enabled), recompute the activations of the
-            feature extractor, each decoder block and each RA module in the backward pass instead of
-            keeping them (``torch.utils.checkpoint``): less memory for about one more forward pass
-            of compute; results and gradients are unchanged.
+            feature extractor, each decoder block and each of the four stages of every RA module in the
+            backward pass instead of keeping them (``torch.utils.checkpoint``): less memory for about one
+            more forward pass of compute; results and gradients are unchanged.
         **overrides: fields of :class:`RANConfig` to change (ablation switches).
     """
 
@@ -210,48 +210,54 @@ class ResidualAlignerNetwork(nn.Module):
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"each spatial size must be at least {self.min_size}, got {tuple(x.shape[2:])}")
 
-    def _run(self, module: nn.Module, *args):
-        """``module(*args)``, through activation checkpointing when it is on and gradients are recorded."""
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+    def _checkpointing(self) -> bool:
+        """Whether activation checkpointing applies now (switched on, in training mode)."""
+        return self.activation_checkpointing and self.training
 
-    def _both_directions(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 2c, *S) -> (2B, d, *S)``: rows ``[:B]`` fixed -> moving on the moving grid, rows ``[B:]``
-        moving -> fixed on the fixed grid."""
+    def _ddfs(self, x: torch.Tensor, both_directions: bool) -> torch.Tensor:
+        """``(B, 2c, *S)`` -> the moving -> fixed DDF ``(B, d, *S)`` on the fixed grid, or with
+        ``both_directions`` ``(2B, d, *S)``: rows ``[:B]`` fixed -> moving on the moving grid, rows ``[B:]``
+        moving -> fixed. Every module but the last needs both streams; the last one computes only the
+        rows asked for."""
         if not torch.jit.is_tracing():
             self.check_input(x)
         c = self.in_channels
+        checkpointing = self._checkpointing()
         streams = torch.cat([x[:, :c], x[:, c:]], dim=0)  # (2B, c, *S): moving rows, then fixed rows
-        skips = self._run(self.encoder, streams)
+        skips = run_checkpointed(checkpointing, self.encoder, streams)
         grids = [streams] + skips  # item e: a tensor on the grid of pool size 2**e
 
         exponents = self.exponents
-        first = [
-            resize_nearest_like(skips[i], grids[exponents[0]], 2 ** (i + 1 - exponents[0]))
-            for i in self.first_skip_levels
-        ]
-        features = self._run(self.decoder_blocks[0], torch.cat(first, dim=1))
-        features, ddf, theta = self._run(self.aligners[0], features, None, None)
-        for k in range(1, len(self.aligners)):
-            level = self.skip_levels[k - 1]
-            skip = resize_nearest_like(skips[level], grids[exponents[k - 1]], 2 ** (level + 1 - exponents[k - 1]))
-            features = self._run(self.decoder_blocks[k], torch.cat([features, skip], dim=1), grids[exponents[k]])
-            factor = 2 ** (exponents[k - 1] - exponents[k])
-            if factor > 1:
-                ddf = resize_nearest_like(ddf, grids[exponents[k]], factor) * factor
-                theta = resize_nearest_like(theta, grids[exponents[k]], factor)
-            features, ddf, theta = self._run(self.aligners[k], features, ddf, theta)
+        last = len(self.aligners) - 1
+        ddf = theta = None
+        for k, (block, aligner) in enumerate(zip(self.decoder_blocks, self.aligners, strict=True)):
+            if k == 0:
+                inputs = [
+                    resize_nearest_like(skips[i], grids[exponents[0]], 2 ** (i + 1 - exponents[0]))
+                    for i in self.first_skip_levels
+                ]
+                features = run_checkpointed(checkpointing, block, torch.cat(inputs, dim=1))
+            else:
+                level = self.skip_levels[k - 1]
+                skip = resize_nearest_like(skips[level], grids[exponents[k - 1]], 2 ** (level + 1 - exponents[k - 1]))
+                features = run_checkpointed(
+                    checkpointing, block, torch.cat([features, skip], dim=1), grids[exponents[k]]
+                )
+                factor = 2 ** (exponents[k - 1] - exponents[k])
+                if factor > 1:
+                    ddf = resize_nearest_like(ddf, grids[exponents[k]], factor) * factor
+                    theta = resize_nearest_like(theta, grids[exponents[k]], factor)
+            one_way = k == last and not both_directions
+            features, ddf, theta = aligner(features, ddf, theta, one_way=one_way, checkpointing=checkpointing)
         return self.output_head(torch.cat([features, ddf], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2, *S)`` moving and fixed -> DDF ``(B, d, *S)`` on the fixed grid, in voxels."""
-        ddf = self._both_directions(x)
-        return ddf[x.shape[0] :]
+        return self._ddfs(x, both_directions=False)
 
     def register(self, x: torch.Tensor) -> RegistrationOutput:
         """Both DDFs and the warped moving image for ``x`` ``(B, 2, *S)``; see :class:`RegistrationOutput`."""
-        ddf = self._both_directions(x)
+        ddf = self._ddfs(x, both_directions=True)
         b = x.shape[0]
         forward_ddf = ddf[b:]
         return RegistrationOutput(forward_ddf, ddf[:b], warp(x[:, : self.in_channels], forward_ddf))
