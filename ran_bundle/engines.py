@@ -27,7 +27,7 @@ import csv
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,31 @@ def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
     return [np.array(a[i]) for i in range(batch_size)]
 
 
+def _training_forward(
+    engine: Engine,
+    inputs: torch.Tensor,
+    device: torch.device | str | None,
+    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward half of a training iteration, shared by the unsupervised and the synthetic step.
+
+    Network in training mode, gradients zeroed, then under the engine's autocast: ``ddf = network(inputs)``
+    ``(B, d, *S)`` (calling the possibly DDP-wrapped module itself keeps DistributedDataParallel's gradient
+    synchronisation; it is ``register(inputs).ddf``), ``warped = warp(moving, ddf)`` ``(B, 1, *S)`` and
+    ``loss = loss_of(ddf, warped)``.
+
+    Returns:
+        ``(ddf, loss)``.
+    """
+    engine.network.train()
+    engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
+    with _engine_autocast(engine, device):
+        ddf = engine.network(inputs)
+        warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
+        loss = loss_of(ddf, warped)
+    return ddf, loss
+
+
 def _step(engine: Engine, loss: torch.Tensor, kind: str, advice: str) -> dict[str, float]:
     """Backward and optimizer step for ``loss`` (through ``engine.scaler`` under amp); the loss terms.
 
@@ -206,18 +231,14 @@ class RegistrationTrainStep:
         device, nb = engine.state.device, getattr(engine, "non_blocking", False)
         inputs, fixed = prepare_batch(batchdata, device, nb)
         moving_label, fixed_label = _labels(batchdata, device, nb) if self.use_labels else (None, None)
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
-        loss_fn = engine.loss_function
-        with _engine_autocast(engine, device):
-            # ``network(x)`` is ``register(x).ddf``; calling the (possibly DDP-wrapped) module itself
-            # keeps DistributedDataParallel's gradient synchronisation
-            ddf = engine.network(inputs)
-            warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
+
+        def loss_of(ddf: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
             warped_label = None
             if moving_label is not None and fixed_label is not None:
                 warped_label = warp(self._one_hot(moving_label, fixed_label), ddf)
-            loss = loss_fn(warped, fixed, ddf, warped_label, fixed_label)
+            return engine.loss_function(warped, fixed, ddf, warped_label, fixed_label)
+
+        ddf, loss = _training_forward(engine, inputs, device, loss_of)
         terms = _step(engine, loss, "training", "Lower the learning rate, disable amp, or check the input intensities.")
         return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": fixed}
 
@@ -555,13 +576,9 @@ class SyntheticTrainStep:
             )
         inputs, fixed = prepare_batch(batchdata, device, nb)
         true_ddf = _to(batchdata[self.ddf_key], device, nb).float()
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
-        loss_fn = engine.loss_function
-        with _engine_autocast(engine, device):
-            ddf = engine.network(inputs)
-            warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
-            loss = loss_fn(warped, fixed, ddf, true_ddf)
+        ddf, loss = _training_forward(
+            engine, inputs, device, lambda ddf, warped: engine.loss_function(warped, fixed, ddf, true_ddf)
+        )
         advice = "Lower the learning rate or the synthetic field magnitudes, disable amp, or check the intensities."
         terms = _step(engine, loss, "pretraining", advice)
         return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": true_ddf}
