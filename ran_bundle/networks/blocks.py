@@ -81,8 +81,10 @@ class ScalarNorm(nn.Module):
         dims = tuple(range(1, x.ndim))
         std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=0)
         scale = self.gamma / (std + self.eps)
-        # one full-size output (and autograd keeps only ``x``): x * scale + (beta - mean * scale)
-        return torch.addcmul(self.beta - mean * scale, x, scale)
+        shift = self.beta - mean * scale
+        # one full-size output (autograd keeps only ``x``), in ``x``'s dtype: under autocast the float32
+        # gamma and beta would otherwise promote every normalised map to float32
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -125,7 +127,8 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, -1, *([1] * spatial_dims))
     grid = (_identity_grid(ddf) + ddf) * scale - 1.0
     grid = grid.permute(0, *range(2, spatial_dims + 2), 1).flip(-1)  # (B, *spatial, d), x-y-z order
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    # autocast runs grid_sample in float32; give the result back in the image's dtype
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True).to(image.dtype)
 
 
 def resize_nearest_like(x: torch.Tensor, reference: torch.Tensor, factor: int = 1) -> torch.Tensor:
