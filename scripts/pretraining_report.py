@@ -3,8 +3,10 @@
 One run does, in order (the paper's two-stage schedule in miniature, Sec. 4.2):
 
 1. **Pretraining** (unless ``--checkpoint`` gives one, e.g. ``runs/pretrain/model.pt`` of
-   ``configs/pretrain.json``): ``--pretrain-iters`` steps of :class:`~ran_bundle.engines.SyntheticTrainStep`
-   with :class:`~ran_bundle.losses.SyntheticFieldLoss` (0.1 image MSE + 1 field MSE + 1 smoothness)
+   ``configs/pretrain.json``), from random weights or from ``--init`` (e.g. the shipped ``models/model.pt``,
+   which has left the RAN's early plateau): ``--pretrain-iters`` steps of
+   :class:`~ran_bundle.engines.SyntheticTrainStep` with :class:`~ran_bundle.losses.SyntheticFieldLoss`
+   (0.1 image MSE + 1 field MSE + 1 smoothness)
    on synthetic pairs of the training subjects of ``--datalist`` (default ``data/tiny_ct``), random
    ``--roi`` crops, fields of :class:`~ran_bundle.synthetic.RandSyntheticDeformationd` (seed 0).
 2. **Fine-tuning**: ``--finetune-iters`` steps of :class:`~ran_bundle.engines.RegistrationTrainStep`
@@ -27,12 +29,13 @@ test fields are unseen but the anatomy is not.
 ``--network localnet``): the data and fields of the learning test of ``tests/test_synthetic.py``:
 6 mm voxels, 24x24x16 training crops, batch 4, fields of at most 3 degrees, 4 voxels of translation
 and 1 voxel of B-spline displacement; 40 pretraining and 5 fine-tuning steps (the test: 60), 4 test
-pairs. A useful model needs far longer training
-(the paper: 50k pretraining iterations); use a GPU, more iterations, or ``--checkpoint``.
+pairs. From random weights the RAN needs far longer training (the paper: 50k pretraining iterations); use a
+GPU, more iterations, ``--init models/model.pt`` or ``--checkpoint``.
 
 Usage::
 
     python scripts/pretraining_report.py --quick [--out report.md]
+    python scripts/pretraining_report.py --quick --init models/model.pt --pretrain-iters 150
     python scripts/pretraining_report.py --checkpoint runs/pretrain/model.pt --spacing 3 --roi 48 48 32
 """
 
@@ -80,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shared-data", default=os.environ.get("RAN_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--datalist", default=str(REPO / "data" / "tiny_ct" / "datalist.json"))
     p.add_argument("--checkpoint", default=None, help="skip pretraining and load this checkpoint ('model' key)")
+    p.add_argument(
+        "--init", default=None, help="start the pretraining from these weights ('model' key), e.g. models/model.pt"
+    )
     p.add_argument("--network", choices=("ran", "localnet"), default="ran", help="RAN (default) or MONAI LocalNet")
     p.add_argument("--preset", default="ref", help="RAN preset (the bundle's configs use 'ref')")
     p.add_argument("--spacing", type=float, default=None, help="voxel size in mm (quick 6, else 3 = native)")
@@ -236,8 +242,10 @@ def main(argv: list[str] | None = None) -> str:
         load_pretrained(net, args.checkpoint, device)
         t_pre, pre_what = 0.0, f"loaded from {args.checkpoint}"
     else:
+        if args.init:
+            load_pretrained(net, args.init, device)
         t_pre = train(net, args, subjects, SyntheticFieldLoss(3), SyntheticTrainStep(), args.pretrain_iters, 0, args.lr)
-        pre_what = f"{args.pretrain_iters} steps"
+        pre_what = f"{args.pretrain_iters} steps" + (f" from {args.init}" if args.init else "")
     rows.append((f"pretrained ({pre_what})", score(predict(net, samples, device), samples, args.spacing)))
 
     loss = RegistrationLoss(3)
