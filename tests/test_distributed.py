@@ -78,7 +78,14 @@ def initial_weights() -> dict[str, torch.Tensor]:
 
 
 def test_torchrun_two_gloo_ranks_match_single_process_run(tmp_path):
-    """2 CPU ranks x batch 1 (DDP, gloo) vs 1 process x batch 2: 2 epochs of 4 pairs, same seed."""
+    """2 CPU ranks x batch 1 (DDP, gloo) vs 1 process x batch 2: 2 epochs of 4 pairs, same seed.
+
+    Tolerance 3% of the training update (measured 1.2%). The two runs differ only by rounding: the last RA
+    module runs at batch 1 on each rank and at batch 2 in the single process, where the CPU convolutions take
+    other kernels (outputs differ by ~1e-6), and Adam's normalised steps amplify that to ~1e-4 after one step
+    and ~1% after four. Gradients not averaged across ranks (each rank on its own half) would be off by ~55%
+    after four steps (measured by a simulation of this run).
+    """
     ddp_dir, single_dir = tmp_path / "ddp" / "models", tmp_path / "single" / "models"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2"]
     merged = f"['{TRAIN}','{MULTI}']"
@@ -98,7 +105,7 @@ def test_torchrun_two_gloo_ranks_match_single_process_run(tmp_path):
     assert set(ddp) == set(single), "the DDP checkpoint must hold the unwrapped model"
     rel = relative_difference(ddp, single, initial_weights())
     print(f"DDP vs single process: relative L2 difference {rel:.2e} of the training update")
-    assert rel < 0.01
+    assert rel < 0.03
 
 
 def test_killed_training_resumes_to_the_uninterrupted_state(tmp_path):
