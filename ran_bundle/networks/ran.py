@@ -210,10 +210,6 @@ class ResidualAlignerNetwork(nn.Module):
         if min(x.shape[2:]) < self.min_size:
             raise ValueError(f"each spatial size must be at least {self.min_size}, got {tuple(x.shape[2:])}")
 
-    def _checkpointing(self) -> bool:
-        """Whether activation checkpointing applies now (switched on, in training mode)."""
-        return self.activation_checkpointing and self.training
-
     def _ddfs(self, x: torch.Tensor, both_directions: bool) -> torch.Tensor:
         """``(B, 2c, *S)`` -> the moving -> fixed DDF ``(B, d, *S)`` on the fixed grid, or with
         ``both_directions`` ``(2B, d, *S)``: rows ``[:B]`` fixed -> moving on the moving grid, rows ``[B:]``
@@ -222,7 +218,7 @@ class ResidualAlignerNetwork(nn.Module):
         if not torch.jit.is_tracing():
             self.check_input(x)
         c = self.in_channels
-        checkpointing = self._checkpointing()
+        checkpointing = self.activation_checkpointing and self.training  # recompute only when training
         streams = torch.cat([x[:, :c], x[:, c:]], dim=0)  # (2B, c, *S): moving rows, then fixed rows
         skips = run_checkpointed(checkpointing, self.encoder, streams)
         grids = [streams] + skips  # item e: a tensor on the grid of pool size 2**e
