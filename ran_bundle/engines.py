@@ -45,6 +45,7 @@ from ran_bundle.tensors import as_plain_tensor, autocast_if
 
 __all__ = [
     "prepare_batch",
+    "pair_name",
     "pair_names",
     "RegistrationTrainStep",
     "RegistrationEvalStep",
@@ -128,11 +129,19 @@ def _filenames(x: Any, batch_size: int) -> list[str]:
     return [str(n) for n in names]
 
 
+def pair_name(moving: Any, fixed: Any) -> str:
+    """``<moving-stem>_to_<fixed-stem>`` from two file paths; from their folder names when the file names are
+    the same (data sets that keep one ``image.nii.gz`` per subject folder)."""
+    if _stem(moving) == _stem(fixed):
+        return f"{os.path.basename(os.path.dirname(str(moving)))}_to_{os.path.basename(os.path.dirname(str(fixed)))}"
+    return f"{_stem(moving)}_to_{_stem(fixed)}"
+
+
 def pair_names(batchdata: Mapping[str, Any]) -> list[str]:
-    """Names ``<moving-stem>_to_<fixed-stem>`` of the pairs of a batch (from the MetaTensors' file names)."""
+    """:func:`pair_name` of every pair of a batch (from the MetaTensors' file names)."""
     b = int(batchdata[FIXED].shape[0])
     moving, fixed = _filenames(batchdata[MOVING], b), _filenames(batchdata[FIXED], b)
-    return [f"{_stem(m)}_to_{_stem(f)}" for m, f in zip(moving, fixed, strict=False)]
+    return [pair_name(m, f) for m, f in zip(moving, fixed, strict=False)]
 
 
 def _affines(x: Any, batch_size: int) -> list[np.ndarray]:

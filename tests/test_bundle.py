@@ -376,3 +376,12 @@ def test_train_step_raises_on_non_finite_loss():
     batch = {"moving_image": torch.rand(1, 1, 16, 16, 16), "fixed_image": torch.rand(1, 1, 16, 16, 16)}
     with pytest.raises(RuntimeError, match="iteration 7"):
         RegistrationTrainStep()(engine, batch)
+
+
+def test_pair_names_fall_back_to_folder_names_when_the_file_names_are_equal():
+    """One ``image.nii.gz`` per subject folder (the brain MR data) must not give every pair the same name: the
+    inference writer names its output files after the pair."""
+    from ran_bundle.engines import pair_name
+
+    assert pair_name("/d/images/subject_01.nii.gz", "/d/images/subject_00.nii.gz") == "subject_01_to_subject_00"
+    assert pair_name("/d/oasis_B/image.nii.gz", "/d/oasis_A/image.nii.gz") == "oasis_B_to_oasis_A"
