@@ -17,15 +17,22 @@ registration). Efficiency: parameters, forward GFLOPs at the evaluation size (me
 :func:`ran_bundle.profiling.meta_pass`) and the median forward time per pair on ``--device``. No checkpoint
 selection: each model is scored after its last step, so the evaluation pairs never influence training.
 
+``--reference PRESET=CKPT`` adds a row for weights trained elsewhere (e.g. ``ref=models/model.pt``, the shipped
+bundle weights): they are loaded, not trained, and scored on the same pairs with the same metrics; the row is
+named ``PRESET [CKPT]`` and its training-time cell is empty. The checkpoint is checked (it exists and its weights
+fit the preset) before any training.
+
 Outputs under ``--out`` (default ``docs/results``): ``compare.md`` (settings, machine, training time per model,
 the summary table and the per-label table), ``compare_dice.svg`` (box plots of Dice per label, paper Fig. 6),
 ``compare_per_pair.csv`` (every metric of every pair and model). The trained weights go to ``--ckpt-dir``
-(default ``runs/compare``, outside git), ``<model>.pt``, for ``scripts/paper_figures.py``.
+(default ``runs/compare``, outside git), ``<model>.pt``, for ``scripts/paper_figures.py``; a reference goes there
+as ``<preset>_<checkpoint name>.pt`` (e.g. ``ref_model.pt``).
 
 Usage::
 
     python scripts/compare.py --datalist configs/datalists/brain_mr.json --base-dir ../shared/data \\
-        --intensity mr --spacing 4 --crop 48 48 48 --steps 200 [--models RAn0 RAn3 RAn4+ voxelmorph localnet]
+        --intensity mr --spacing 4 --crop 48 48 48 --steps 200 [--models RAn0 RAn3 RAn4+ voxelmorph localnet] \
+        [--reference ref=models/model.pt]
     python scripts/compare.py --quick   # toy run on data/tiny_ct, 3 steps, written to runs/compare_quick
 """
 
@@ -55,8 +62,9 @@ if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside script
     sys.path.insert(0, str(REPO))
 
 from ran_bundle import svg  # noqa: E402
+from ran_bundle.checks import check_state_dict_fits, read_state_dict  # noqa: E402
 from ran_bundle.data import RandomPairDataset, load_datalist  # noqa: E402
-from ran_bundle.engines import prepare_batch  # noqa: E402
+from ran_bundle.engines import pair_name, prepare_batch  # noqa: E402
 from ran_bundle.fields import spacing_of  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
 from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
@@ -107,17 +115,6 @@ def eval_pairs(pairs: Sequence[dict[str, Any]], spacing: Sequence[float] | None,
     return out
 
 
-def pair_name(moving: str, fixed: str) -> str:
-    """``<moving>_to_<fixed>`` from the file names, or from the folder names when the file names are the same."""
-
-    def stem(path: str) -> str:
-        return Path(path).name.split(".")[0]
-
-    if stem(moving) == stem(fixed):
-        return f"{Path(moving).parent.name}_to_{Path(fixed).parent.name}"
-    return f"{stem(moving)}_to_{stem(fixed)}"
-
-
 def label_names(datalist_path: Path, pairs: Sequence[dict], labels: Sequence[int] | None) -> dict[int, str]:
     """``{value: name}`` of the evaluated labels: ``--labels``, else the datalist's ``"labels"``, else all present."""
     raw = json.loads(Path(datalist_path).read_text())
@@ -164,6 +161,27 @@ def train_model(name: str, dataset: RandomPairDataset, args: argparse.Namespace)
 
 def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
+
+
+def load_reference(spec: str) -> tuple[str, str, Path, torch.nn.Module]:
+    """``"PRESET=CKPT"`` -> (row name ``"PRESET [CKPT]"``, ``PRESET``, the checkpoint's path, the loaded network).
+
+    Raises:
+        ValueError: ``spec`` is not ``PRESET=CKPT`` or names an unknown model.
+        ran_bundle.checks.InputError: the checkpoint is missing, unreadable or does not fit ``PRESET``.
+    """
+    preset, sep, ckpt = spec.partition("=")
+    if not sep or not ckpt:
+        raise ValueError(f"--reference takes PRESET=CHECKPOINT (e.g. ref=models/model.pt), got {spec!r}.")
+    if preset not in ALL_MODELS:
+        raise ValueError(f"--reference {spec!r}: unknown model {preset!r}; choose from {ALL_MODELS}.")
+    path = Path(ckpt)
+    path = path if path.is_absolute() or path.exists() else REPO / path
+    net = build_model(preset)
+    state = read_state_dict(path)
+    check_state_dict_fits(state, net, str(path), f"the {preset} preset", "pass the preset it was trained with.")
+    net.load_state_dict(state)
+    return f"{preset} [{ckpt}]", preset, path, net
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -269,6 +287,11 @@ def report(args: argparse.Namespace, results: dict[str, dict], names: dict[int, 
         f"evaluation on the full images, size {info['eval_size']}",
         f"- Training (every model the same): {args.steps} steps of batch 1, seed {args.seed}, Adam lr {args.lr} "
         f"(cosine to 1%), loss {args.sim_weight} x {args.similarity} + {args.smooth_weight} x edge-aware smoothness",
+        *(
+            ["- References (weights loaded, not trained here): " + ", ".join(f"`{r}`" for r in info["references"])]
+            if info["references"]
+            else []
+        ),
         f"- Total wall time {info['wall_s'] / 60:.1f} min",
         "",
         "## Summary (mean ± std over pairs)",
@@ -276,8 +299,9 @@ def report(args: argparse.Namespace, results: dict[str, dict], names: dict[int, 
         "Labels: " + ", ".join(f"{v} = {n}" for v, n in names.items()) + ". HD95/ASD: mean over labels. "
         "% det J ≤ 0: voxels with a non-positive Jacobian determinant inside the fixed labels (the paper's count, as "
         "a percentage). SDlogJ: std of log det J over the whole grid (Learn2Reg). GFLOPs: one forward pass at the "
-        "evaluation size (RAN evaluates both directions). time/pair: median forward time on the device above. "
-        "train: wall time of the training steps.",
+        "evaluation size (RAN: both registration directions in every RA module but the last, which the released "
+        "design's shared feature update needs). time/pair: median forward time on the device above. "
+        "train: wall time of the training steps; empty for references, which this run loads and does not train.",
         "",
         summary_table(results, names),
         "",
@@ -308,6 +332,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=ALL_MODELS)
+    p.add_argument(
+        "--reference",
+        nargs="*",
+        default=[],
+        metavar="PRESET=CKPT",
+        help="also score weights trained elsewhere (loaded, not trained), e.g. ref=models/model.pt",
+    )
     p.add_argument("--labels", type=int, nargs="*", default=None, help="label values to score (default: datalist's)")
     p.add_argument("--similarity", choices=("ncc", "lncc", "mse"), default="ncc")
     p.add_argument("--sim-weight", type=float, default=2.0)
@@ -331,6 +362,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _report_inputs(result: dict, net: torch.nn.Module, name: str, eval_size: tuple[int, ...]) -> dict:
+    """``result`` with the network's efficiency (parameters, forward FLOPs at the evaluation size)."""
+    info = meta_pass(name, eval_size, train=False, amp=False)
+    return {**result, "params": n_params(net), "flops": info.get("flops", math.nan)}
+
+
+def _print_mean_dice(name: str, rows: list[dict], extra: str = "") -> None:
+    mean_dice = {s["label"]: s for s in summarise(rows)}["mean"]["dice_mean"]
+    print(f"{name}: mean Dice {mean_dice:.4f}{extra}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -338,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     datalist = Path(args.datalist)
     datalist = datalist if datalist.is_absolute() or datalist.is_file() else REPO / datalist
+    try:  # a bad reference fails before any work
+        references = [load_reference(spec) for spec in args.reference]
+    except ValueError as err:  # includes ran_bundle.checks.InputError
+        raise SystemExit(f"compare.py: error: {err}") from None
     data = load_datalist(datalist, base_dir=args.base_dir)
     pairs_key = "test_pairs" if data["test_pairs"] else "validation_pairs"
     spacing = None if args.spacing <= 0 else (args.spacing,) * 3
@@ -347,6 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, dict] = {IDENTITY: evaluate_model(None, pairs, labels, args.device)}
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
     eval_size = tuple(int(s) for s in pairs[0]["fixed_image"].shape[2:])
+    for row, preset, path, net in references:
+        net = net.to(args.device)
+        results[row] = _report_inputs(evaluate_model(net, pairs, labels, args.device), net, preset, eval_size)
+        torch.save(
+            {"model": net.state_dict(), "name": preset, "label": row, "args": vars(args)},
+            args.ckpt_dir / f"{preset}_{path.name.split('.')[0]}.pt",
+        )
+        _print_mean_dice(row, results[row]["rows"], " (reference, not trained here)")
     with tempfile.TemporaryDirectory(prefix="ran_compare_") as tmp:
         train_subjects = cache_subjects(data["training"], spacing, args.intensity, Path(tmp))
         atlas = cache_subjects(data["atlas"], spacing, args.intensity, Path(tmp) / "atlas") if data["atlas"] else []
@@ -357,16 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models:
             net, stats = train_model(name, dataset, args)
             torch.save({"model": net.state_dict(), "name": name, "args": vars(args)}, args.ckpt_dir / f"{name}.pt")
-            res = evaluate_model(net, pairs, labels, args.device)
-            info = meta_pass(name, eval_size, train=False, amp=False)
-            results[name] = {**res, **stats, "params": n_params(net), "flops": info.get("flops", math.nan)}
-            mean_dice = {s["label"]: s for s in summarise(res["rows"])}["mean"]["dice_mean"]
-            print(f"{name}: mean Dice {mean_dice:.4f}, trained in {stats['train_s']:.0f} s", flush=True)
+            res = _report_inputs(evaluate_model(net, pairs, labels, args.device), net, name, eval_size)
+            results[name] = {**res, **stats}
+            _print_mean_dice(name, res["rows"], f", trained in {stats['train_s']:.0f} s")
     info = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "n_train": len(data["training"]),
         "pairs_key": pairs_key,
         "pair_names": [p["name"] for p in pairs],
+        "references": [row for row, *_ in references],
         "eval_size": "x".join(map(str, eval_size)),
         "wall_s": time.perf_counter() - t_start,
     }

@@ -95,16 +95,22 @@ def theory_section(presets: Sequence[str], max_distance: int, out: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------------- Fig. 7
 def load_models(ckpt_dir: Path, names: Sequence[str]) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:
-    """The trained networks ``{name: net}`` (eval mode) and the training arguments stored with the first one."""
+    """The networks ``{label: net}`` (eval mode) and the comparison arguments stored with the first one.
+
+    ``names`` are checkpoint file stems in ``ckpt_dir`` as ``scripts/compare.py`` writes them: a trained model's
+    name (``RAn0``) or a reference's ``<preset>_<checkpoint name>`` (``ref_model``), labelled as in its table.
+    """
     nets, train_args = {}, None
     for name in names:
         path = ckpt_dir / f"{name}.pt"
         if not path.is_file():
-            raise SystemExit(f"checkpoint not found: {path}. Run scripts/compare.py (with --models {name}) first.")
+            raise SystemExit(
+                f"checkpoint not found: {path}. Run scripts/compare.py (with --models {name}, or --reference) first."
+            )
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        net = build_model(name)
+        net = build_model(ckpt.get("name", name))
         net.load_state_dict(ckpt["model"])
-        nets[name] = net.eval()
+        nets[ckpt.get("label", name)] = net.eval()
         train_args = train_args or ckpt["args"]
     return nets, train_args
 
@@ -241,7 +247,8 @@ def fig7_section(args: argparse.Namespace, out: Path) -> str:
             f"Pair: moving = `{subject}` preprocessed as in training (spacing {train_args['spacing']} mm, "
             f"intensity `{train_args['intensity']}`, grid {shape}); fixed = the same image warped by a known random "
             f"field u (seed {args.seed}, max |u| = {true_max:.2f} voxels). Models: `{args.ckpt_dir}` "
-            f"({train_args['steps']} training steps each, see the comparison). Pairs: {args.num_pairs} draws per model "
+            f"(trained {train_args['steps']} steps each by the comparison; references were trained elsewhere). "
+            f"Pairs: {args.num_pairs} draws per model "
             f"within distance D = {args.max_distance}; motion bins of {max_motion / 40:.3f} voxels up to "
             f"{max_motion:.2f} "
             "(the 99.5th percentile of all models' differences; larger ones count in the top bin).",

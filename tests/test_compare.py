@@ -22,6 +22,7 @@ from ran_bundle.metrics import dice
 from ran_bundle.transforms import registration_transforms
 
 MODELS = ("ref", "RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")  # RAn4: RAn4+ with fewer channels
+REFERENCE = "ref [models/model.pt]"  # the shipped weights, scored but not trained by the comparison
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
 
@@ -54,6 +55,7 @@ def compare_run(repo_root, tiny_ct, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     cmd = [sys.executable, str(repo_root / "scripts" / "compare.py"), "--quick", "--out", str(out)]
     cmd += ["--ckpt-dir", str(out / "ckpt"), "--models", *MODELS, "--threads", "1"]
+    cmd += ["--reference", "ref=models/model.pt"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
@@ -65,7 +67,8 @@ def test_compare_writes_every_model_and_the_identity(compare_run, repo_root, tin
     report = (out / "compare.md").read_text()
     assert "Machine:" in report and "3 steps of batch 1, seed 0" in report and "spacing 6.0 mm" in report
     summary, per_label = _tables(report)
-    assert [r["model"] for r in summary] == ["identity", *MODELS]
+    assert [r["model"] for r in summary] == ["identity", REFERENCE, *MODELS]
+    assert "References (weights loaded, not trained here): `ref [models/model.pt]`" in report
     names = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "aorta"]
     names += ["inferior_vena_cava", "portal_vein_and_splenic_vein", "pancreas"]
     assert [c for c in summary[0] if c.startswith("Dice ")] == [f"Dice {n}" for n in names]
@@ -78,9 +81,13 @@ def test_compare_writes_every_model_and_the_identity(compare_run, repo_root, tin
             assert _number(row["SDlogJ"]) == 0.0 and _number(row["% det J ≤ 0 (labels)"]) == 0.0
         else:
             assert float(row["params (M)"]) > 0 and float(row["GFLOPs"]) > 0 and float(row["time/pair (s)"]) > 0
+            assert (row["train (min)"] == "–") == (row["model"] == REFERENCE)
     by_model = {r["model"]: r for r in summary}
     assert round(float(by_model["ref"]["params (M)"]) * 1e3) == 738  # the released topology
-    assert len(per_label) == (len(names) + 1) * (len(MODELS) + 1)
+    assert by_model[REFERENCE]["params (M)"] == by_model["ref"]["params (M)"]
+    # the shipped weights move the images, the 3-step ref barely: their fields must differ
+    assert by_model[REFERENCE]["SDlogJ"] != by_model["ref"]["SDlogJ"]
+    assert len(per_label) == (len(names) + 1) * (len(MODELS) + 2)
 
     # the identity row is the overlap of the raw label maps of the validation pairs, preprocessed at 6 mm
     pairs = load_datalist(tiny_ct / "datalist.json")["validation_pairs"]
@@ -96,9 +103,9 @@ def test_compare_writes_every_model_and_the_identity(compare_run, repo_root, tin
 
     with open(out / "compare_per_pair.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == (len(MODELS) + 1) * len(pairs) * (len(names) + 2)  # labels + "mean" + "all" per pair
-    assert {r["model"] for r in rows} == {"identity", *MODELS}
-    for name in MODELS:
+    assert len(rows) == (len(MODELS) + 2) * len(pairs) * (len(names) + 2)  # labels + "mean" + "all" per pair
+    assert {r["model"] for r in rows} == {"identity", REFERENCE, *MODELS}
+    for name in (*MODELS, "ref_model"):
         assert (out / "ckpt" / f"{name}.pt").is_file()
 
 
@@ -107,26 +114,26 @@ def test_compare_dice_box_plot(compare_run):
     root = ET.parse(out / "compare_dice.svg").getroot()
     assert root.tag == f"{SVG_NS}svg"
     texts = [t.text for t in root.iter(f"{SVG_NS}text")]
-    for name in ("identity", *MODELS, "spleen", "pancreas", "mean"):
+    for name in ("identity", REFERENCE, *MODELS, "spleen", "pancreas", "mean"):
         assert name in texts
     # one dot per pair, label (10 + mean) and model; one box per label and model
-    assert len(list(root.iter(f"{SVG_NS}circle"))) == 2 * 11 * (len(MODELS) + 1)
+    assert len(list(root.iter(f"{SVG_NS}circle"))) == 2 * 11 * (len(MODELS) + 2)
     boxes = [r for r in root.iter(f"{SVG_NS}rect") if r.get("fill-opacity")]
-    assert len(boxes) == 11 * (len(MODELS) + 1)
+    assert len(boxes) == 11 * (len(MODELS) + 2)
 
 
 def test_paper_figures_on_the_trained_models(compare_run, repo_root):
     out, _ = compare_run
     figs = out / "figures"
     cmd = [sys.executable, str(repo_root / "scripts" / "paper_figures.py"), "--out", str(figs)]
-    cmd += ["--ckpt-dir", str(out / "ckpt"), "--models", "RAn0", "RAn3", "RAn4+", "--num-pairs", "20000"]
+    cmd += ["--ckpt-dir", str(out / "ckpt"), "--models", "RAn0", "RAn3", "RAn4+", "ref_model", "--num-pairs", "20000"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theory, fig7 = _tables((figs / "paper_figures.md").read_text())
     assert [r["preset"] for r in theory] == ["RAn0", "RAn3", "RAn4", "RAn4+", "ref"]
     ran0 = theory[0]
     assert ran0["pool sizes p_k"] == "[16, 8, 4, 2, 1]" and ran0["dilations r_k"] == "[1, 1, 1, 1, 1]"
-    assert [r["model"] for r in fig7] == ["RAn0", "RAn3", "RAn4+"]
+    assert [r["model"] for r in fig7] == ["RAn0", "RAn3", "RAn4+", REFERENCE]
     for row in fig7:
         assert 0 < float(row["% organ voxels correct (labels)"]) <= 100 and int(row["correct pairs sampled"]) > 100
     for name in ("fig3c_capture_range", "fig3d_separability", "fig7a_pdf", "fig7b_diff"):
@@ -152,6 +159,23 @@ def test_correct_pairs_distance_and_motion(repo_root):
     density, x_edges, y_edges = figures.pair_density(np.full(10, 3.0), np.full(10, 2.0), 4, 4.0, 0.5)
     assert density.shape == (4, 8) and density.sum() == pytest.approx(1.0)
     assert np.unravel_index(density.argmax(), density.shape) == (2, 4)  # distance bin 3, motion bin [2, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("ref=runs/no_such.pt", "no_such.pt"),
+        ("ref", "PRESET=CHECKPOINT"),
+        ("RAn9=models/model.pt", "unknown model 'RAn9'"),
+        ("RAn0=models/model.pt", "do not fit the RAn0 preset"),
+    ],
+)
+def test_compare_refuses_a_bad_reference_before_any_work(repo_root, tmp_path, spec, message):
+    compare = _script(repo_root, "compare")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message) as err:
+        compare.main(["--quick", "--reference", spec, "--out", str(out), "--ckpt-dir", str(out / "ckpt")])
+    assert str(err.value).startswith("compare.py: error:") and not out.exists()
 
 
 def test_quick_mode_options(repo_root):
