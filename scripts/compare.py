@@ -163,6 +163,11 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(values)) if len(values) else math.nan
 
 
+def _in_repo(path: Path) -> Path:
+    """``path`` as given when it is absolute or exists from the working folder, else relative to the repository."""
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
 def load_reference(spec: str) -> tuple[str, str, Path, torch.nn.Module]:
     """``"PRESET=CKPT"`` -> (row name ``"PRESET [CKPT]"``, ``PRESET``, the checkpoint's path, the loaded network).
 
@@ -175,8 +180,7 @@ def load_reference(spec: str) -> tuple[str, str, Path, torch.nn.Module]:
         raise ValueError(f"--reference takes PRESET=CHECKPOINT (e.g. ref=models/model.pt), got {spec!r}.")
     if preset not in ALL_MODELS:
         raise ValueError(f"--reference {spec!r}: unknown model {preset!r}; choose from {ALL_MODELS}.")
-    path = Path(ckpt)
-    path = path if path.is_absolute() or path.exists() else REPO / path
+    path = _in_repo(Path(ckpt))
     net = build_model(preset)
     state = read_state_dict(path)
     check_state_dict_fits(state, net, str(path), f"the {preset} preset", "pass the preset it was trained with.")
@@ -362,7 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _report_inputs(result: dict, net: torch.nn.Module, name: str, eval_size: tuple[int, ...]) -> dict:
+def _with_efficiency(result: dict, net: torch.nn.Module, name: str, eval_size: tuple[int, ...]) -> dict:
     """``result`` with the network's efficiency (parameters, forward FLOPs at the evaluation size)."""
     info = meta_pass(name, eval_size, train=False, amp=False)
     return {**result, "params": n_params(net), "flops": info.get("flops", math.nan)}
@@ -378,8 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    datalist = Path(args.datalist)
-    datalist = datalist if datalist.is_absolute() or datalist.is_file() else REPO / datalist
+    datalist = _in_repo(Path(args.datalist))
     try:  # a bad reference fails before any work
         references = [load_reference(spec) for spec in args.reference]
     except ValueError as err:  # includes ran_bundle.checks.InputError
@@ -395,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_size = tuple(int(s) for s in pairs[0]["fixed_image"].shape[2:])
     for row, preset, path, net in references:
         net = net.to(args.device)
-        results[row] = _report_inputs(evaluate_model(net, pairs, labels, args.device), net, preset, eval_size)
+        results[row] = _with_efficiency(evaluate_model(net, pairs, labels, args.device), net, preset, eval_size)
         torch.save(
             {"model": net.state_dict(), "name": preset, "label": row, "args": vars(args)},
             args.ckpt_dir / f"{preset}_{path.name.split('.')[0]}.pt",
@@ -411,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.models:
             net, stats = train_model(name, dataset, args)
             torch.save({"model": net.state_dict(), "name": name, "args": vars(args)}, args.ckpt_dir / f"{name}.pt")
-            res = _report_inputs(evaluate_model(net, pairs, labels, args.device), net, name, eval_size)
+            res = _with_efficiency(evaluate_model(net, pairs, labels, args.device), net, name, eval_size)
             results[name] = {**res, **stats}
             _print_mean_dice(name, res["rows"], f", trained in {stats['train_s']:.0f} s")
     info = {
