@@ -326,14 +326,20 @@ def test_short_pretraining_of_the_ran_from_the_shipped_weights_lowers_the_end_po
 # ----------------------------------------------------------------------------------------------
 # the bundle: pretrain.json through the MONAI CLI, then train.json from its checkpoint
 # ----------------------------------------------------------------------------------------------
-def _bundle(*args: str, timeout: int = 900) -> str:
-    proc = subprocess.run(
+def _run_bundle(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run training *args`` from the repository root, output captured."""
+    return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", "training", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def _bundle(*args: str, timeout: int = 900) -> str:
+    """:func:`_run_bundle` that must succeed; returns its stdout and stderr."""
+    proc = _run_bundle(*args, timeout=timeout)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         pytest.fail(f"monai.bundle run training {args[:2]} failed ({proc.returncode}):\n{log[-6000:]}")
@@ -360,24 +366,14 @@ def test_pretraining_starts_from_given_weights_with_one_override(tmp_path):
     step = max(float((tuned[k].float() - v.float()).abs().max()) for k, v in shipped.items())
     assert step < 5e-3, step
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "monai.bundle",
-            "run",
-            "training",
-            *common,
-            "--ckpt_dir",
-            str(tmp_path / "ckpt2"),
-            "--output_dir",
-            str(tmp_path / "out2"),
-            "--pretrained_ckpt",
-            str(tmp_path / "missing.pt"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
+    proc = _run_bundle(
+        *common,
+        "--ckpt_dir",
+        str(tmp_path / "ckpt2"),
+        "--output_dir",
+        str(tmp_path / "out2"),
+        "--pretrained_ckpt",
+        str(tmp_path / "missing.pt"),
         timeout=300,
     )
     assert proc.returncode != 0 and "missing.pt" in proc.stderr and "pretraining" in proc.stderr, proc.stderr[-2000:]
