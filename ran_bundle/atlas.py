@@ -39,7 +39,7 @@ from monai.transforms import Transform
 from ran_bundle.checks import load_volume
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import as_affine, ddf_voxel_to_mm
-from ran_bundle.register import resample_field, warp_to_grid
+from ran_bundle.spatial import resample_field, warp_to_grid
 from ran_bundle.tensors import as_plain_tensor
 from ran_bundle.transforms import registration_transforms
 

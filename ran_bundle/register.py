@@ -55,7 +55,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ran_bundle.checks import (
     InputError,
@@ -71,7 +70,6 @@ from ran_bundle.fields import (
     atomic_write,
     ddf_voxel_to_mm,
     spacing_of,
-    warp_image,
     write_displacement_nifti,
     write_image_atomic,
 )
@@ -79,6 +77,17 @@ from ran_bundle.losses import RegistrationLoss
 from ran_bundle.metrics import dice, jacobian_determinant
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 from ran_bundle.networks.blocks import warp
+from ran_bundle.spatial import (
+    field_to_voxel_ddf,
+    map_points,
+    read_displacement_field,
+    resample_field,
+    sample_voxels,
+    voxel_grid,
+    voxel_to_world,
+    warp_to_grid,
+    world_to_voxel,
+)
 from ran_bundle.tensors import as_plain_tensor, autocast_if
 from ran_bundle.transforms import registration_transforms
 
@@ -95,14 +104,6 @@ __all__ = [
     "preprocess_pair",
     "predict",
     "instance_optimise",
-    "voxel_grid",
-    "sample_voxels",
-    "world_to_voxel",
-    "resample_field",
-    "warp_to_grid",
-    "field_to_voxel_ddf",
-    "read_displacement_field",
-    "map_points",
     "read_points_csv",
     "write_points_csv",
     "overview_png",
@@ -118,7 +119,6 @@ INTENSITIES = ("ct", "mr", "none")
 POINT_FRAMES = ("lps", "ras")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,197 +332,6 @@ def instance_optimise(
         bar.set_postfix(loss=f"{history[-1]:.4f}")
     bar.close()
     return tuned.eval(), history
-
-
-# --------------------------------------------------------------------------------------------------
-# grids, resampling, fields
-# --------------------------------------------------------------------------------------------------
-
-
-def voxel_grid(shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Voxel indices ``(3, *shape)`` of a grid (channel ``i`` = index along axis ``i``)."""
-    axes = [torch.arange(int(n), dtype=dtype) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-
-
-def world_to_voxel(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """Map world points ``(3, *S)`` (RAS mm) to continuous voxel indices ``(3, *S)`` of a grid with ``affine``."""
-    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)), dtype=points.dtype)
-    return torch.einsum("ij,j...->i...", inv[:3, :3], points) + inv[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
-
-
-def _voxel_to_world(index: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    a = torch.as_tensor(as_affine(affine), dtype=index.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], index) + a[:3, 3].reshape(3, *([1] * (index.ndim - 1)))
-
-
-def sample_voxels(
-    image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
-    """Sample ``image`` at continuous voxel indices: ``out(y) = image(coords(y))``.
-
-    The convention of :func:`ran_bundle.networks.blocks.warp` (``grid_sample`` with
-    ``align_corners=True``: index ``i`` is the centre of voxel ``i``), generalised to an output grid
-    that differs from the input grid. When both grids have the same shape and ``padding_mode`` is
-    ``"zeros"``, it calls :func:`ran_bundle.fields.warp_image` itself (the package's one warp).
-
-    Args:
-        image: ``(1, C, *S_in)`` (integer dtypes allowed with ``mode="nearest"``).
-        coords: ``(3, *S_out)`` or ``(1, 3, *S_out)`` voxel indices of ``image`` (float).
-        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
-        padding_mode: ``"zeros"`` (outside is 0) or ``"border"`` (outside takes the nearest edge value).
-
-    Returns:
-        ``(1, C, *S_out)``, ``image``'s dtype for ``mode="nearest"``, float32 otherwise.
-    """
-    if coords.ndim == 4:
-        coords = coords[None]
-    if tuple(image.shape[2:]) == tuple(coords.shape[2:]) and padding_mode == "zeros":
-        ddf = coords - voxel_grid(coords.shape[2:], coords.dtype)[None]
-        img = image if not image.is_floating_point() else image.float()
-        return warp_image(img, ddf.float(), mode=mode)
-    in_dtype = image.dtype
-    img = image.float()
-    sizes = torch.tensor(image.shape[2:], dtype=torch.float64)
-    scale = (2.0 / (sizes - 1).clamp(min=1)).reshape(1, 3, 1, 1, 1)
-    grid = (coords.to(torch.float64) * scale - 1.0).float()
-    grid = grid.permute(0, 2, 3, 4, 1).flip(-1)  # (1, *S_out, 3), x-y-z order
-    out = F.grid_sample(img, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-    if mode == "nearest" and not in_dtype.is_floating_point:
-        out = out.round().to(in_dtype)
-    return out
-
-
-def resample_field(
-    field: torch.Tensor, affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray
-) -> torch.Tensor:
-    """Resample a world displacement field onto another grid (trilinear, edge values outside).
-
-    Args:
-        field: ``(1, 3, *S)`` or ``(3, *S)`` displacement in mm (RAS) on the grid ``affine``.
-        affine: ``(4, 4)`` RAS affine of ``field``'s grid.
-        shape: spatial shape of the target grid.
-        target_affine: its ``(4, 4)`` RAS affine.
-
-    Returns:
-        ``(1, 3, *shape)`` float32: ``v`` at the target voxel centres.
-    """
-    field = field[None] if field.ndim == 4 else field
-    points = _voxel_to_world(voxel_grid(shape), target_affine)
-    coords = world_to_voxel(points, affine)
-    return sample_voxels(field.float(), coords, mode="bilinear", padding_mode="border")
-
-
-def warp_to_grid(
-    image: torch.Tensor,
-    image_affine: np.ndarray,
-    field: torch.Tensor,
-    field_affine: np.ndarray,
-    mode: str = "bilinear",
-) -> torch.Tensor:
-    """Pull ``image`` onto a field's grid: ``out(p) = image(p + v(p))`` for every voxel centre ``p``.
-
-    Equivalent to ``sitk.Resample(image, reference, sitk.DisplacementFieldTransform(field))`` with
-    zero outside the image.
-
-    Args:
-        image: ``(1, C, *S_in)`` on the grid ``image_affine`` (RAS).
-        image_affine: ``(4, 4)`` RAS affine of ``image``.
-        field: ``(1, 3, *S)`` or ``(3, *S)`` world displacement (mm, RAS) on the grid ``field_affine``.
-        field_affine: ``(4, 4)`` RAS affine of the output grid.
-        mode: ``"bilinear"`` for images, ``"nearest"`` for label maps (dtype kept).
-
-    Returns:
-        ``(1, C, *S)`` on the field's grid.
-    """
-    field = field[0] if field.ndim == 5 else field
-    points = _voxel_to_world(voxel_grid(field.shape[1:]), field_affine) + field.to(torch.float64)
-    return sample_voxels(image, world_to_voxel(points, image_affine), mode=mode, padding_mode="zeros")
-
-
-def field_to_voxel_ddf(field: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """World displacement (mm, RAS) -> voxel DDF of the same grid: ``u = L^-1 v`` (``L`` = linear part of ``affine``).
-
-    The inverse of :func:`ran_bundle.fields.ddf_voxel_to_mm` without moving affine, so
-    :func:`~ran_bundle.fields.write_displacement_nifti` and :mod:`ran_bundle.metrics` can be used
-    on fields that live on the original image grids. ``det(I + grad u)`` is the Jacobian determinant
-    of the world mapping ``p -> p + v(p)``.
-
-    Args:
-        field: ``(1, 3, *S)`` or ``(3, *S)``.
-        affine: ``(4, 4)`` RAS affine of the grid.
-
-    Returns:
-        ``(1, 3, *S)`` float32.
-    """
-    field = field[None] if field.ndim == 4 else field
-    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)[:3, :3]), dtype=torch.float64)
-    return torch.einsum("ij,bj...->bi...", inv, field.to(torch.float64)).float()
-
-
-def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
-    """Read an ITK displacement field file (as :func:`~ran_bundle.fields.write_displacement_nifti` writes).
-
-    Args:
-        path: a 3D vector image with 3 components (NIfTI, MHA, NRRD) in ITK's convention (LPS mm).
-
-    Returns:
-        ``(field, affine)``: ``(1, 3, *S)`` float64 world displacement in mm in the **RAS** frame and
-        the ``(4, 4)`` RAS affine of the field's grid (ITK index order = array axis order).
-
-    Raises:
-        InputError: file missing, unreadable, or not a 3D field of 3-vectors.
-    """
-    import SimpleITK as sitk
-
-    p = os.fspath(path)
-    if not os.path.isfile(p):
-        raise InputError(f"field {p}: file not found.")
-    try:
-        img = sitk.ReadImage(p)
-    except RuntimeError as e:
-        raise InputError(f"field {p}: cannot read it ({str(e).strip().splitlines()[-1][:200]}).") from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 3:
-        raise InputError(
-            f"field {p}: not a 3D displacement field (dimension {img.GetDimension()}, "
-            f"{img.GetNumberOfComponentsPerPixel()} components per voxel; expected 3 and 3)."
-        )
-    arr = sitk.GetArrayFromImage(img).astype(np.float64)  # (z, y, x, 3)
-    if not np.isfinite(arr).all():
-        raise InputError(f"field {p}: holds NaN or infinite vectors.")
-    arr = np.transpose(arr, (2, 1, 0, 3))  # (i, j, k, 3) in ITK index order
-    vec = np.moveaxis(arr, -1, 0) * np.array([-1.0, -1.0, 1.0])[:, None, None, None]  # LPS -> RAS
-    lin_lps = np.reshape(img.GetDirection(), (3, 3)) * np.asarray(img.GetSpacing())[None, :]
-    affine_lps = np.eye(4)
-    affine_lps[:3, :3], affine_lps[:3, 3] = lin_lps, img.GetOrigin()
-    return torch.from_numpy(np.ascontiguousarray(vec))[None], _RAS_TO_LPS @ affine_lps
-
-
-def map_points(points: np.ndarray, field: torch.Tensor, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map world points by a displacement field: ``p -> p + v(p)`` (ITK's ``TransformPoint``).
-
-    ``v`` is interpolated trilinearly (edge values in the outer half voxel). Points outside the
-    field's grid (beyond half a voxel from the edge centres) keep ``v = 0``, as ITK does.
-
-    Args:
-        points: ``(N, 3)`` RAS mm.
-        field: ``(1, 3, *S)`` or ``(3, *S)`` displacement (mm, RAS) on the grid ``affine``.
-        affine: ``(4, 4)`` RAS affine.
-
-    Returns:
-        ``(mapped, inside)``: ``(N, 3)`` float64 RAS mm and an ``(N,)`` bool array.
-    """
-    pts = torch.as_tensor(np.asarray(points, dtype=np.float64).reshape(-1, 3))
-    if pts.shape[0] == 0:
-        return pts.numpy().copy(), np.zeros(0, dtype=bool)
-    field = field[None] if field.ndim == 4 else field
-    idx = world_to_voxel(pts.T.contiguous(), affine)  # (3, N)
-    sizes = torch.tensor(field.shape[2:], dtype=torch.float64)[:, None]
-    inside = ((idx >= -0.5) & (idx <= sizes - 0.5)).all(0)
-    v = sample_voxels(field.float(), idx[None, :, :, None, None], "bilinear", "border")
-    v = v[0, :, :, 0, 0].to(torch.float64)  # (3, N)
-    v[:, ~inside] = 0.0
-    return (pts + v.T).numpy(), inside.numpy()
 
 
 def _frame_matrix(frame: str) -> np.ndarray:
@@ -970,7 +779,7 @@ def register_files(
         if v_inv is not None:
             # q = p + v(p) in moving space; p' = q + w(q) should return to p
             idx = voxel_grid(shape_f)
-            p = _voxel_to_world(idx, fixed_v.affine)
+            p = voxel_to_world(idx, fixed_v.affine)
             q = p + v[0].to(torch.float64)
             w_q = sample_voxels(v_inv.float(), world_to_voxel(q, moving_v.affine), "bilinear", "border")[0]
             err = (q + w_q.to(torch.float64) - p).norm(dim=0)
@@ -1044,7 +853,7 @@ def register_files(
                 write_displacement_nifti(u_inv, moving_v.affine, tmp / outputs["inverse_ddf"])
             if png:
                 moving_id = warp_to_grid(moving_v.tensor(), moving_v.affine, zero, fixed_v.affine)[0, 0]
-                mapped = _voxel_to_world(voxel_grid(shape_f), fixed_v.affine) + v[0].to(torch.float64)
+                mapped = voxel_to_world(voxel_grid(shape_f), fixed_v.affine) + v[0].to(torch.float64)
                 overview_png(
                     tmp / outputs["overview_png"],
                     fixed_v.array.astype(np.float32),

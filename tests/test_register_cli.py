@@ -32,19 +32,21 @@ from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.register import (
     InputError,
     _staging_dir,
-    field_to_voxel_ddf,
     instance_optimise,
     load_network,
-    map_points,
     parse_spacing,
     predict,
     preprocess_pair,
-    read_displacement_field,
     read_points_csv,
+    write_points_csv,
+)
+from ran_bundle.spatial import (
+    field_to_voxel_ddf,
+    map_points,
+    read_displacement_field,
     resample_field,
     sample_voxels,
     warp_to_grid,
-    write_points_csv,
 )
 
 REPO = Path(__file__).resolve().parents[1]
