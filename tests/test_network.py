@@ -130,7 +130,10 @@ def test_forward_computes_only_the_needed_direction_in_the_last_module(preset, c
     (d0, g0), (d1, g1) = grads
     assert d0.shape == (2, 3, 32, 32, 48) and d0.abs().mean() > 1e-3
     assert torch.allclose(d0, d1, atol=1e-6)
-    assert len(g0) == len(g1) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g0, g1, strict=True))
+    # batch B and batch 2B convolutions round differently (more so in channels_last): compare each gradient
+    # to its own scale (measured: 4e-5 of the largest entry at worst)
+    assert len(g0) == len(g1)
+    assert all((a - b).abs().max() <= 1e-4 * b.abs().max() for a, b in zip(g0, g1, strict=True))
 
 
 def test_scalar_norm_normalises_whole_sample():

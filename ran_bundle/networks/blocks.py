@@ -99,6 +99,14 @@ def run_checkpointed(enabled: bool, function: Callable[..., T], *args) -> T:
     return function(*args)
 
 
+def _shape_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``x.shape`` as a tensor: traced as a function of the input (so a traced model runs at other sizes), and
+    as plain numbers otherwise (``torch.compile`` cannot trace ``torch._shape_as_tensor``)."""
+    if torch.jit.is_tracing():
+        return torch._shape_as_tensor(x)
+    return torch.tensor(x.shape, device=x.device)
+
+
 def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
     """Voxel coordinates ``(1, d, *spatial)`` of the grid of ``ddf`` ``(B, d, *spatial)``."""
     axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
@@ -123,7 +131,7 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding
     spatial_dims = ddf.shape[1]
     if not torch.jit.is_tracing() and (image.shape[0] != ddf.shape[0] or image.shape[2:] != ddf.shape[2:]):
         raise ValueError(f"warp: image {tuple(image.shape)} and ddf {tuple(ddf.shape)} grids differ")
-    sizes = torch._shape_as_tensor(ddf)[2:].to(ddf)
+    sizes = _shape_tensor(ddf)[2:].to(ddf)
     scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, -1, *([1] * spatial_dims))
     grid = (_identity_grid(ddf) + ddf) * scale - 1.0
     grid = grid.permute(0, *range(2, spatial_dims + 2), 1).flip(-1)  # (B, *spatial, d), x-y-z order
@@ -146,7 +154,7 @@ def resize_nearest_like(x: torch.Tensor, reference: torch.Tensor, factor: int = 
         ``(B, C, *large)``.
     """
     for axis in range(2, x.ndim):
-        last = torch._shape_as_tensor(x)[axis] - 1
+        last = _shape_tensor(x)[axis] - 1
         index = torch.div(torch.arange(reference.shape[axis], device=x.device), factor, rounding_mode="floor")
         x = x.index_select(axis, torch.minimum(index, last.to(x.device)))
     return x
@@ -460,5 +468,5 @@ class ResidualAligner(nn.Module):
 def clamp_to_grid(ddf: torch.Tensor) -> torch.Tensor:
     """Clamp each component of ``ddf`` ``(B, d, *S)`` to ``+-(2 * S_i - 1)`` voxels, as the reference does."""
     d = ddf.shape[1]
-    bound = (torch._shape_as_tensor(ddf)[2:].to(ddf) * 2 - 1).view(1, d, *([1] * d))
+    bound = (_shape_tensor(ddf)[2:].to(ddf) * 2 - 1).view(1, d, *([1] * d))
     return torch.maximum(torch.minimum(ddf, bound), -bound)

@@ -139,6 +139,9 @@ class ResidualAlignerNetwork(nn.Module):
             feature extractor, each decoder block and each of the four stages of every RA module in the
             backward pass instead of keeping them (``torch.utils.checkpoint``): less memory for about one
             more forward pass of compute; results and gradients are unchanged.
+        channels_last: keep 3-D weights and activations in the ``channels_last_3d`` memory format, which
+            oneDNN's CPU convolutions run about 1.6x faster for this network's small channel counts
+            (``scripts/benchmark.py``); the values (and the state dict) are the same, only the strides change.
         **overrides: fields of :class:`RANConfig` to change (ablation switches).
     """
 
@@ -148,10 +151,12 @@ class ResidualAlignerNetwork(nn.Module):
         preset: str = "ref",
         in_channels: int = 1,
         activation_checkpointing: bool = False,
+        channels_last: bool = True,
         **overrides,
     ) -> None:
         super().__init__()
         self.activation_checkpointing = bool(activation_checkpointing)
+        self.channels_last = bool(channels_last) and spatial_dims == 3
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims = spatial_dims
@@ -194,6 +199,8 @@ class ResidualAlignerNetwork(nn.Module):
         # start close to the identity transform, as VoxelMorph does: tiny weights, zero bias
         nn.init.normal_(self.output_head.weight, std=1e-5)
         nn.init.zeros_(self.output_head.bias)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last_3d)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, preset={self.preset!r}, config={self.config}"
@@ -220,6 +227,8 @@ class ResidualAlignerNetwork(nn.Module):
         c = self.in_channels
         checkpointing = self.activation_checkpointing and self.training  # recompute only when training
         streams = torch.cat([x[:, :c], x[:, c:]], dim=0)  # (2B, c, *S): moving rows, then fixed rows
+        if self.channels_last:
+            streams = streams.contiguous(memory_format=torch.channels_last_3d)
         skips = run_checkpointed(checkpointing, self.encoder, streams)
         grids = [streams] + skips  # item e: a tensor on the grid of pool size 2**e
 
