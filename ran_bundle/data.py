@@ -11,7 +11,9 @@ Datalist schema (JSON, Learn2Reg-like)::
                            {"moving": 1, "fixed": 0},
                            {"moving_image": ..., "fixed_image": ..., "moving_label": ..., "fixed_label": ...}],
       "test_pairs": [...],
-      "atlas": {"image": "images/atlas.nii.gz", "label": "labels/atlas.nii.gz"}
+      "atlas": {"image": "images/atlas.nii.gz", "label": "labels/atlas.nii.gz"},
+      "reference": "images/s0.nii.gz",
+      "label_values": [4, 5, 1002, ...]
     }
 
 * A *subject* is a dict with ``"image"`` (required) and ``"label"`` (optional) file paths; other keys
@@ -28,6 +30,10 @@ Datalist schema (JSON, Learn2Reg-like)::
   registration, e.g. label propagation from one annotated scan). Training then pairs each training
   subject with the atlas (1 training subject is enough), and the default pairs of a split are
   ``subject -> atlas`` for each of its subjects. The atlas must not also be a training subject.
+* ``"reference"`` (optional): an image that every subject is affinely aligned to once, for datasets of
+  native-space scans (:class:`ran_bundle.transforms.AlignToReferenced`).
+* ``"label_values"`` (optional): the label values, in the order of the one-hot channels ``1..N`` of a
+  training Dice term (:func:`ran_bundle.transforms.registration_transforms`).
 * A pair is a dict with keys ``"moving_image"``, ``"fixed_image"`` and, only when both subjects
   have one, ``"moving_label"``, ``"fixed_label"``.
 """
@@ -207,7 +213,8 @@ def load_datalist(
         when the split is absent), ``"atlas"``: a list of zero or one subject dict, and
         ``{"validation_pairs", "test_pairs"}``: lists of pair dicts (explicit pairs when given, else
         ``subject -> atlas`` pairs with an atlas, else :func:`ordered_pairs` of the split; empty for
-        an empty split).
+        an empty split), ``"reference"``: the reference image path or ``None``, ``"label_values"``: a
+        list of ints or ``None``.
 
     Raises:
         FileNotFoundError: the datalist file does not exist.
@@ -244,6 +251,17 @@ def load_datalist(
         )
     if "training" in raw and len(out["training"]) < 1:
         raise ValueError(f"datalist {path}: 'training' is empty.")
+    out["reference"] = None  # type: ignore[assignment]
+    if raw.get("reference") is not None:
+        out["reference"] = _resolve(raw["reference"], base, f"datalist {path}: reference", check_files)  # type: ignore[assignment]
+    out["label_values"] = None  # type: ignore[assignment]
+    if raw.get("label_values") is not None:
+        values = raw["label_values"]
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"datalist {path}: 'label_values' must be a list of integers, got {values!r}.")
+        if len(set(values)) != len(values) or 0 in values:
+            raise ValueError(f"datalist {path}: 'label_values' must be distinct non-zero integers.")
+        out["label_values"] = values  # type: ignore[assignment]
     by_image = {s["image"]: s for split in SPLITS for s in out[split]}
     for split, key in _PAIR_SPLITS.items():
         if key in raw:

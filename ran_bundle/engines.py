@@ -163,10 +163,11 @@ def _training_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward half of a training iteration, shared by the unsupervised and the synthetic step.
 
-    Network in training mode, gradients zeroed, then under the engine's autocast: ``ddf = network(inputs)``
-    ``(B, d, *S)`` (calling the possibly DDP-wrapped module itself keeps DistributedDataParallel's gradient
-    synchronisation; it is ``register(inputs).ddf``), ``warped = warp(moving, ddf)`` ``(B, 1, *S)`` and
-    ``loss = loss_of(ddf, warped)``.
+    Network in training mode, gradients zeroed, then ``ddf = network(inputs)`` ``(B, d, *S)`` under the
+    engine's autocast (calling the possibly DDP-wrapped module itself keeps DistributedDataParallel's
+    gradient synchronisation; it is ``register(inputs).ddf``), and in float32, outside autocast (local NCC
+    sums and soft Dice lose their meaning in half precision): ``warped = warp(moving, ddf)``
+    ``(B, 1, *S)`` and ``loss = loss_of(ddf, warped)``.
 
     Returns:
         ``(ddf, loss)``.
@@ -175,9 +176,9 @@ def _training_forward(
     engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
     with _engine_autocast(engine, device):
         ddf = engine.network(inputs)
-        warped = warp(inputs[:, : inputs.shape[1] // 2], ddf)
-        loss = loss_of(ddf, warped)
-    return ddf, loss
+    ddf = ddf.float()
+    warped = warp(inputs[:, : inputs.shape[1] // 2].float(), ddf)
+    return ddf, loss_of(ddf, warped)
 
 
 def _step(engine: Engine, loss: torch.Tensor, kind: str, advice: str) -> dict[str, float]:

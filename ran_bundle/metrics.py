@@ -32,6 +32,8 @@ from monai.metrics import (
 )
 from monai.utils import MetricReduction
 
+from ran_bundle.spatial import foreground_mask
+
 __all__ = [
     "jacobian_determinant",
     "non_positive_jacobian",
@@ -41,6 +43,7 @@ __all__ = [
     "evaluate_pair",
     "summarise",
     "MeanDiceOverLabels",
+    "FoldingPercent",
     "LABEL_METRICS",
     "FIELD_METRICS",
 ]
@@ -351,6 +354,41 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             summary[f"{k}_std"] = float(valid.std()) if valid.size else math.nan
         out.append(summary)
     return out
+
+
+class FoldingPercent(CumulativeIterationMetric):
+    """Percentage of folded voxels (``det J <= 0``, :func:`non_positive_jacobian`) inside the fixed image's
+    foreground (:func:`ran_bundle.spatial.foreground_mask`), the package's one definition of folding, for
+    ignite/MONAI evaluators (``output_transform=from_engine(["ddf", "fixed"])``).
+
+    Args:
+        reduction: MONAI reduction of the buffered ``(N, 1)`` values (default ``"mean"``).
+    """
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """
+        Args:
+            y_pred: ``(B, d, *spatial)`` DDF in voxels.
+            y: ``(B, 1, *spatial)`` fixed image.
+
+        Returns:
+            ``(B, 1)`` float32 percentages.
+        """
+        if y is None:
+            raise ValueError("y (the fixed image) is required.")
+        masks = torch.stack([foreground_mask(y[b, 0]) for b in range(y.shape[0])])
+        _, percent = non_positive_jacobian(y_pred.detach().float(), masks)
+        return torch.as_tensor(percent, dtype=torch.float32, device=y_pred.device)[:, None]
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        from monai.metrics.utils import do_metric_reduction
+
+        f, _ = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
+        return f
 
 
 class MeanDiceOverLabels(CumulativeIterationMetric):

@@ -35,17 +35,23 @@ pre-aligned and share one grid).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapLabelValued,
     MapTransform,
     Orientationd,
     Pad,
@@ -58,7 +64,10 @@ from monai.transforms import (
 )
 from monai.transforms.inverse import InvertibleTransform
 
+from ran_bundle.affine import AFFINE_STAGES, read_transform, register_affine, write_transform
 from ran_bundle.data import PAIR_KEYS
+from ran_bundle.fields import atomic_write
+from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid
 
 __all__ = [
     "IMAGE_KEYS",
@@ -67,6 +76,7 @@ __all__ = [
     "CT_WINDOW",
     "RequireKeysd",
     "PadToCommonShaped",
+    "AlignToReferenced",
     "registration_transforms",
 ]
 
@@ -148,6 +158,102 @@ class PadToCommonShaped(MapTransform, InvertibleTransform):
         return d
 
 
+class AlignToReferenced(MapTransform):
+    """Load the images (and labels) of a pair, each aligned affinely to one reference image, on one grid.
+
+    The data pipeline's form of the affine stage (:mod:`ran_bundle.affine`) for datasets of native-space
+    scans: every subject's image is registered (rigid, then affine) to ``reference`` **once** (the matrix
+    is kept in memory and, with ``cache_dir``, as an ITK transform file that later runs and other
+    workers read), and every image and label of the pair is resampled through it onto the reference's
+    foreground grid (:func:`ran_bundle.spatial.foreground_grid`: RAS axes, ``spacing`` mm, sizes
+    divisible by ``divisible_k``). Images are linear, labels nearest neighbour. It replaces loading,
+    reorientation and resampling in :func:`registration_transforms`.
+
+    Output per key: ``MetaTensor`` ``(1, X, Y, Z)`` float32 whose ``.affine`` is the grid's (RAS).
+
+    Args:
+        reference: the reference image file (e.g. one training subject or a template).
+        spacing: voxel size (mm) of the grid.
+        stage: ``"affine"``, ``"rigid"`` or ``"none"`` (:data:`ran_bundle.affine.AFFINE_STAGES`).
+        cache_dir: folder for the per-subject transform files (``None``: memory only).
+        divisible_k: every grid size is a multiple of it.
+        margin_mm: margin of the grid around the reference's foreground.
+        label_keys: keys resampled with nearest neighbour through their image's matrix.
+        allow_missing_keys: skip absent keys (labels in inference).
+    """
+
+    def __init__(
+        self,
+        reference: str | os.PathLike,
+        spacing: Sequence[float] = (2.0, 2.0, 2.0),
+        stage: str = "affine",
+        cache_dir: str | os.PathLike | None = None,
+        divisible_k: int = 16,
+        margin_mm: float = 4.0,
+        image_keys: KeysCollection = IMAGE_KEYS,
+        label_keys: KeysCollection = LABEL_KEYS,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        image_keys, label_keys = list(image_keys), list(label_keys)  # type: ignore[arg-type]
+        super().__init__(image_keys + label_keys, allow_missing_keys)
+        if stage not in AFFINE_STAGES:
+            raise ValueError(f"stage must be one of {AFFINE_STAGES}, got {stage!r}.")
+        if not os.path.isfile(reference):
+            raise ValueError(f"reference image {reference}: file not found.")
+        self.reference_path = os.path.abspath(reference)
+        self.stage = stage
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.image_keys, self.label_keys = image_keys, label_keys
+        self.reference = sitk.ReadImage(self.reference_path, sitk.sitkFloat32)
+        self.grid: Grid = foreground_grid(self.reference, spacing, divisible_k, margin_mm)
+        self._matrices: dict[str, np.ndarray] = {}
+
+    def _cache_file(self, image_path: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        stat = os.stat(image_path)
+        key = f"{os.path.abspath(image_path)}|{stat.st_size}|{stat.st_mtime_ns}|{self.reference_path}|{self.stage}"
+        return (
+            self.cache_dir / f"{Path(image_path).name.split('.')[0]}_{hashlib.sha1(key.encode()).hexdigest()[:16]}.tfm"
+        )
+
+    def matrix(self, image_path: str, image: sitk.Image | None = None) -> np.ndarray:
+        """The ``(4, 4)`` RAS map of reference points to points of ``image_path`` (computed once, then cached)."""
+        if image_path in self._matrices:
+            return self._matrices[image_path]
+        cached = self._cache_file(image_path)
+        if cached is not None and cached.is_file():
+            matrix = read_transform(cached)
+        else:
+            image = sitk.ReadImage(image_path, sitk.sitkFloat32) if image is None else image
+            matrix = register_affine(self.reference, image, stage=self.stage).matrix
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cached, lambda tmp: write_transform(matrix, tmp))
+        self._matrices[image_path] = matrix
+        return matrix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for image_key, label_key in zip(self.image_keys, self.label_keys, strict=True):
+            if image_key not in d and self.allow_missing_keys:
+                continue
+            path = os.fspath(d[image_key])
+            image = sitk.ReadImage(path, sitk.sitkFloat32)
+            matrix = self.matrix(path, image)
+            d[image_key] = self._on_grid(resample_to_grid(image, self.grid, matrix), path)
+            if d.get(label_key) is not None:
+                label_path = os.fspath(d[label_key])
+                label = sitk.ReadImage(label_path, sitk.sitkFloat32)
+                d[label_key] = self._on_grid(resample_to_grid(label, self.grid, matrix, label=True), label_path)
+        return d
+
+    def _on_grid(self, array: np.ndarray, path: str) -> MetaTensor:
+        return MetaTensor(
+            torch.from_numpy(array)[None], affine=torch.as_tensor(self.grid.affine), meta={"filename_or_obj": path}
+        )
+
+
 def _check_size(name: str, size: Sequence[int] | None, k: int) -> tuple[int, ...] | None:
     if size is None:
         return None
@@ -169,6 +275,11 @@ def registration_transforms(
     ct_window: Sequence[float] = CT_WINDOW,
     mr_percentiles: Sequence[float] = (0.5, 99.5),
     reader: str | None = None,
+    align_to: str | os.PathLike | None = None,
+    align_stage: str = "affine",
+    align_cache: str | os.PathLike | None = None,
+    labels_optional: bool | None = None,
+    label_values: Sequence[int] | None = None,
 ) -> Compose:
     """Preprocessing of a (moving, fixed[, labels]) pair dict, as a MONAI ``Compose``.
 
@@ -191,6 +302,15 @@ def registration_transforms(
         ct_window: HU window mapped to [0, 1] for ``intensity="ct"``.
         mr_percentiles: lower/upper percentiles mapped to [0, 1] for ``intensity="mr"``.
         reader: optional MONAI reader name for ``LoadImaged`` (e.g. ``"ITKReader"``, ``"NibabelReader"``).
+        align_to: a reference image: load every subject through :class:`AlignToReferenced` (affine stage
+            once per subject, all keys on the reference's foreground grid at ``spacing``, default 2 mm)
+            instead of loading, reorienting and resampling. For native-space datasets.
+        align_stage: the affine stage of ``align_to`` (``"affine"``, ``"rigid"``, ``"none"``).
+        align_cache: folder where ``align_to`` keeps each subject's transform across runs.
+        labels_optional: pairs may come without labels (``None``: only in ``"infer"`` mode); training
+            with a mix of labelled and unlabelled subjects needs it.
+        label_values: label values mapped to ``1..N`` in this order (MONAI's ``MapLabelValued``), so that
+            one-hot label maps of the training Dice have ``N + 1`` channels; ``None`` keeps the values.
 
     Raises:
         ValueError: bad ``mode``/``intensity``/sizes (before any data is read).
@@ -211,8 +331,10 @@ def registration_transforms(
     if len(ct_window) != 2 or ct_window[0] >= ct_window[1]:
         raise ValueError(f"ct_window must be (low, high) with low < high, got {ct_window}.")
 
+    if align_stage not in AFFINE_STAGES:
+        raise ValueError(f"align_stage must be one of {AFFINE_STAGES}, got {align_stage!r}.")
     labels = list(LABEL_KEYS) if with_labels else []
-    lab_missing_ok = mode == "infer"
+    lab_missing_ok = mode == "infer" if labels_optional is None else bool(labels_optional)
     keys = list(IMAGE_KEYS) + labels
     img = list(IMAGE_KEYS)
 
@@ -224,14 +346,34 @@ def registration_transforms(
             img + ([] if lab_missing_ok else labels),
             hint="Set with_labels=False to register images only." if labels else "",
         ),
-        opt(LoadImaged, image_only=True, reader=reader),
-        opt(EnsureChannelFirstd),
-        # explicit labels: axcodes are read against the RAS affine (MONAI's future default reads meta "space")
-        opt(Orientationd, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
     ]
-    if spacing is not None:
-        modes = ["bilinear"] * len(img) + ["nearest"] * len(labels)
-        xforms.append(opt(Spacingd, pixdim=tuple(float(s) for s in spacing), mode=modes))
+    if align_to is not None:
+        xforms.append(
+            AlignToReferenced(
+                align_to,
+                spacing=(2.0, 2.0, 2.0) if spacing is None else tuple(float(s) for s in spacing),
+                stage=align_stage,
+                cache_dir=align_cache,
+                divisible_k=k,
+                label_keys=labels,
+                image_keys=img,
+                allow_missing_keys=lab_missing_ok,
+            )
+        )
+    else:
+        xforms += [
+            opt(LoadImaged, image_only=True, reader=reader),
+            opt(EnsureChannelFirstd),
+            # explicit labels: axcodes are read against the RAS affine (MONAI's future default reads meta "space")
+            opt(Orientationd, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        ]
+        if spacing is not None:
+            modes = ["bilinear"] * len(img) + ["nearest"] * len(labels)
+            xforms.append(opt(Spacingd, pixdim=tuple(float(s) for s in spacing), mode=modes))
+    if labels and label_values is not None:
+        values = [float(v) for v in label_values]
+        targets = [float(i) for i in range(1, len(values) + 1)]
+        xforms.append(MapLabelValued(keys=labels, orig_labels=values, target_labels=targets, allow_missing_keys=True))
     if intensity == "ct":
         xforms.append(
             ScaleIntensityRanged(
