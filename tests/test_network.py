@@ -12,7 +12,14 @@ import torch
 
 from ran_bundle.losses import RegistrationLoss
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
-from ran_bundle.networks.blocks import ScalarNorm, resize_nearest_like, warp
+from ran_bundle.networks.blocks import (
+    HEAD_WEIGHTINGS,
+    ResidualAligner,
+    ScalarNorm,
+    SharedHeads,
+    resize_nearest_like,
+    warp,
+)
 
 PAPER_PARAMS = {"RAn0": 0.71e6, "RAn3": 0.72e6, "RAn4": 0.71e6, "RAn4+": 0.75e6}
 
@@ -57,8 +64,10 @@ def test_ablation_switches_change_the_model():
     base = ResidualAlignerNetwork(3, "RAn3")
     no_confidence = ResidualAlignerNetwork(3, "RAn3", head_weighting="softmax")
     single_head = ResidualAlignerNetwork(3, "RAn3", heads=1)
-    # the confidence C1 is one 1x1 conv (heads -> 1) per RA module
+    single_head_no_confidence = ResidualAlignerNetwork(3, "RAn3", heads=1, head_weighting="softmax")
+    # the confidence C1 is one 1x1 conv (heads -> 1) per RA module, with one head too
     assert n_params(base) - n_params(no_confidence) == 5 * (6 + 1)
+    assert n_params(single_head) - n_params(single_head_no_confidence) == 5 * (1 + 1)
     assert n_params(single_head) < n_params(base)
     for q in (0, 3, 4):
         net = ResidualAlignerNetwork(3, "RAn3", q=q)
@@ -72,6 +81,108 @@ def test_released_weighting_uses_raw_logits():
     assert all(a.head_weighting == "none" and a.confidence is None for a in ref.aligners)
     paper = ResidualAlignerNetwork(3, "ref", head_weighting="softmax_confidence")
     assert all(a.confidence is not None for a in paper.aligners)
+
+
+def test_single_head_keeps_the_head_weighting():
+    """``heads=1`` (multi-head off) still applies ``head_weighting``: the paper's Table 2 has confidence weights
+    without multi-head. The softmax over one head is 1, so the default weights the DDF by the confidence C1, and
+    ``"softmax"``/``"none"`` give other fields from the same shared weights."""
+    torch.manual_seed(0)
+    nets = {w: ResidualAlignerNetwork(3, "RAn3", heads=1, head_weighting=w).eval() for w in HEAD_WEIGHTINGS}
+    paper = nets["softmax_confidence"]
+    assert all(a.confidence is not None for a in paper.aligners)
+    torch.nn.init.normal_(paper.output_head.weight, std=0.1)  # a non-trivial DDF
+    state = paper.state_dict()
+    for w in ("softmax", "none"):
+        missing, unexpected = nets[w].load_state_dict(state, strict=False)
+        assert not missing and unexpected and all(".confidence." in k for k in unexpected)
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        ddfs = {w: net(x) for w, net in nets.items()}
+    scale = ddfs["softmax_confidence"].abs().mean()
+    assert scale > 1e-3
+    for a, b in [("softmax_confidence", "softmax"), ("softmax_confidence", "none"), ("softmax", "none")]:
+        assert (ddfs[a] - ddfs[b]).abs().mean() > 1e-3 * scale, (a, b)
+
+
+def test_shipped_weights_give_the_same_field_as_before(repo_root):
+    """``models/model.pt`` (preset ``ref``: six heads, ``head_weighting="none"``) loads strictly and gives the
+    field it gave before the one-head weighting was added (values pinned from that version)."""
+    net = ResidualAlignerNetwork(3, "ref").eval()
+    state = torch.load(repo_root / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
+    net.load_state_dict(state, strict=True)
+    x = torch.rand(1, 2, 32, 40, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ddf = net(x)[0].double()
+    expected_sums = [25124.276281852974, 23573.730988945812, 22627.478788361652]
+    assert torch.allclose(ddf.sum(dim=(1, 2, 3)), torch.tensor(expected_sums, dtype=torch.float64), rtol=1e-5)
+    expected = {
+        (0, 0, 0): [0.43603619933128357, 0.3744211792945862, 0.4880024790763855],
+        (5, 17, 30): [0.36418968439102173, 0.4049195945262909, 0.19999852776527405],
+        (16, 20, 24): [0.49799737334251404, 0.37874945998191833, 0.314863383769989],
+        (31, 39, 47): [0.011087908409535885, 0.19660834968090057, -0.09678862243890762],
+        (10, 3, 41): [0.4479235112667084, 0.48284512758255005, 1.7597075700759888],
+    }
+    for voxel, values in expected.items():
+        assert torch.allclose(ddf[(slice(None), *voxel)], torch.tensor(values, dtype=torch.float64), atol=1e-4)
+
+
+def aligner(head_weighting: str, heads: int = 6) -> ResidualAligner:
+    """A non-first RA module of 16 feature channels with its own shared convolutions."""
+    torch.manual_seed(0)
+    return ResidualAligner(3, 16, 1, SharedHeads(3, heads), heads=heads, head_weighting=head_weighting)
+
+
+def test_softmax_head_weights_sum_to_one_over_heads():
+    """Eq. 12's M-H mask softmax(theta) sums to 1 over the heads at every voxel; with the confidence the weights
+    sum to relu(C1(vartheta)) instead, and ``"none"`` passes the logits through."""
+    torch.manual_seed(1)
+    theta, source = torch.randn(2, 6, 5, 6, 7) * 3, torch.randn(2, 6, 5, 6, 7)
+    weights = aligner("softmax").head_weights(theta, source)
+    assert weights.shape == theta.shape and (weights >= 0).all()
+    assert torch.allclose(weights.sum(dim=1), torch.ones(2, 5, 6, 7), atol=1e-6)
+    paper = aligner("softmax_confidence")
+    confidence = torch.relu(paper.confidence(paper.act(source)))
+    assert (confidence > 0).any() and (confidence == 0).any()  # relu: some voxels are switched off
+    assert torch.allclose(paper.head_weights(theta, source), torch.softmax(theta, dim=1) * confidence, atol=1e-6)
+    assert torch.allclose(paper.head_weights(theta, source).sum(dim=1, keepdim=True), confidence, atol=1e-6)
+    assert torch.equal(aligner("none").head_weights(theta, source), theta)
+
+
+def test_zero_confidence_drops_the_residual_heads_from_the_weighted_stack():
+    """With relu(C1) = 0 the weighted heads of eq. 12 vanish: the fusion convs see only the head mean, so heads
+    that differ but have the same mean give the same new DDF. With a positive confidence they do not."""
+    paper = aligner("softmax_confidence")
+    torch.nn.init.zeros_(paper.confidence.weight)
+    torch.nn.init.zeros_(paper.confidence.bias)
+    torch.manual_seed(2)
+    size = (8, 8, 8)
+    residual, attribute = torch.randn(2, 6 * 3, *size), torch.randn(2, 6, *size)
+    previous_ddf, previous_theta = torch.randn(2, 3, *size), torch.randn(2, 6, *size)
+
+    stacked = paper.stack_heads(residual, attribute, attribute)
+    assert stacked.shape == (2 * 3, 6 + 1, *size)  # per spatial component: 6 weighted heads and their mean
+    assert (stacked[:, :6] == 0).all()
+    head_mean = residual.reshape(2, 6, 3, *size).mean(dim=1).reshape(2 * 3, *size)
+    assert torch.allclose(stacked[:, 6], head_mean, atol=1e-6)
+
+    spread = torch.randn(2, 6, 3, *size)
+    spread = (spread - spread.mean(dim=1, keepdim=True)).reshape(2, 18, *size)  # zero mean over the heads
+
+    def accumulate(heads: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return paper._accumulate(heads, attribute, previous_ddf, previous_theta)[0]
+
+    assert torch.allclose(accumulate(residual), accumulate(residual + spread), atol=1e-5)
+    torch.nn.init.constant_(paper.confidence.bias, 1.0)  # confidence 1 everywhere
+    assert (accumulate(residual) - accumulate(residual + spread)).abs().max() > 1e-3
+
+    # one head: the weighted copy of the DDF vanishes, the DDF itself stays
+    single = aligner("softmax_confidence", heads=1)
+    torch.nn.init.zeros_(single.confidence.weight)
+    torch.nn.init.zeros_(single.confidence.bias)
+    stacked = single.stack_heads(previous_ddf, previous_theta[:, :1], previous_theta[:, :1])
+    assert torch.equal(stacked[:, :3], previous_ddf) and (stacked[:, 3:] == 0).all()
 
 
 @pytest.mark.parametrize("bad", [(1, 1, 32, 32, 32), (1, 2, 32, 32), (1, 2, 32, 8, 32)])

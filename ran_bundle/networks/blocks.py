@@ -48,7 +48,10 @@ __all__ = [
 HEAD_WEIGHTINGS = ("softmax_confidence", "softmax", "none")
 """How the accumulator weights the heads: the paper's softmax mask times a confidence (default), the softmax
 mask alone (confidence weights switched off, paper Table 2), or the raw attribute logits (what the released
-checkpoint was trained with)."""
+checkpoint was trained with). With one head (multi-head off) the softmax over a single head is 1, so
+``"softmax_confidence"`` weights the DDF by the confidence alone (paper Table 2's "CW on, MH off" rows),
+``"softmax"`` does not weight it, and ``"none"`` weights it by ``relu(theta)`` (the released code's one-head
+path)."""
 
 
 def conv_nd(
@@ -351,7 +354,7 @@ class ResidualAligner(nn.Module):
         stacked = heads + 1 if heads > 1 else 2 * spatial_dims
         self.ddf_fusion = conv_nd(spatial_dims, inputs * stacked, width)
         self.confidence = None
-        if heads > 1 and head_weighting == "softmax_confidence":
+        if head_weighting == "softmax_confidence":
             self.confidence = conv_nd(spatial_dims, heads, 1, kernel_size=1)
         self.norm_features = ScalarNorm()
         self.norm_warped = ScalarNorm()
@@ -382,20 +385,21 @@ class ResidualAligner(nn.Module):
         return residual, attribute, feature_attribute
 
     def head_weights(self, theta: torch.Tensor, confidence_source: torch.Tensor) -> torch.Tensor:
-        """Weights of the heads ``(2B, m, *S)`` from the fused attribute ``theta`` and, for the confidence
-        C1, the attribute the DDF came with."""
+        """Weights of the heads ``(2B, m, *S)`` (paper eq. 12) from the fused attribute ``theta`` and, for the
+        confidence C1, the attribute the DDF came with: ``softmax(theta) * relu(C1(confidence_source))``, the
+        softmax alone, or ``theta`` itself (``"none"``; ``relu(theta)`` with one head, as the released code)."""
         if self.head_weighting == "none":
-            return theta
-        weights = torch.softmax(theta, dim=1)
+            return torch.relu(theta) if self.heads == 1 else theta
+        weights = torch.softmax(theta, dim=1)  # all ones with a single head
         if self.confidence is not None:
             weights = weights * torch.relu(self.confidence(self.act(confidence_source)))
         return weights
 
     def stack_heads(self, ddf: torch.Tensor, theta: torch.Tensor, confidence_source: torch.Tensor) -> torch.Tensor:
         """Per-component stack for the fusion convs: ``(2B, k*d, *S) -> (2B*d, m+1, *S)`` (weighted heads and
-        the head mean), or ``(2B, 2d, *S)`` with a single head (the vector and the vector times relu(theta))."""
+        the head mean), or ``(2B, 2d, *S)`` with a single head (the vector and the weighted vector)."""
         if self.heads == 1:
-            return torch.cat([ddf, ddf * torch.relu(theta)], dim=1)
+            return torch.cat([ddf, ddf * self.head_weights(theta, confidence_source)], dim=1)
         b, d = ddf.shape[0], self.spatial_dims
         spatial = ddf.shape[2:]
         per_head = ddf.reshape(b, -1, d, *spatial)  # (2B, k, d, *S), k = m or 1 (the previous DDF)

@@ -51,7 +51,9 @@ class RANConfig:
         first_skips: the first module reads the deepest ``first_skips`` skip maps, concatenated.
         heads: number of DDF heads ``m``; 1 switches multi-head off.
         head_weighting: one of ``"softmax_confidence"`` (paper), ``"softmax"`` (confidence weights off),
-            ``"none"`` (the released checkpoint's behaviour).
+            ``"none"`` (the released checkpoint's behaviour). With one head the softmax mask is 1, so
+            ``"softmax_confidence"`` is the confidence weights alone (paper Table 2, CW on and MH off) and
+            ``"softmax"`` weights nothing.
     """
 
     encoder_channels: tuple[int, ...] = (8, 16, 16, 32)
@@ -100,7 +102,8 @@ def preset_config(preset: str = "ref", **overrides) -> RANConfig:
     """The configuration of a named preset, with fields replaced by ``overrides``.
 
     The ablation switches of paper Table 2 are overrides: ``head_weighting="softmax"`` (confidence weights
-    off), ``heads=1`` (multi-head off), ``q=0/3/4``.
+    off), ``heads=1`` (multi-head off; with the default weighting the confidence weights stay on, as in the
+    table's CW-only rows), ``q=0/3/4``.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
