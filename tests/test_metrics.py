@@ -75,6 +75,65 @@ def test_folding_field_has_non_positive_jacobian():
     assert sdlogj(np.zeros((3, *shape)))[0] == 0.0
 
 
+def trig_field(shape: tuple[int, int, int], period: float, a: float, b: float, c: float):
+    """A smooth non-linear field ``(3, *shape)`` in voxels and its analytic ``det(I + grad u)`` ``(*shape)``:
+    ``u0 = a sin(k x0) cos(k x1)``, ``u1 = b sin(k x1) sin(k x2)``, ``u2 = c cos(k x0) sin(k x2)``,
+    ``k = 2 pi / period``. Returns ``(u, det, k)``."""
+    k = 2 * np.pi / period
+    x = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    s, co = [np.sin(k * xi) for xi in x], [np.cos(k * xi) for xi in x]
+    u = np.stack([a * s[0] * co[1], b * s[1] * s[2], c * co[0] * s[2]])
+    grad = np.zeros((*shape, 3, 3))  # grad[..., i, j] = d u_i / d x_j
+    grad[..., 0, 0], grad[..., 0, 1] = a * k * co[0] * co[1], -a * k * s[0] * s[1]
+    grad[..., 1, 1], grad[..., 1, 2] = b * k * co[1] * s[2], b * k * s[1] * co[2]
+    grad[..., 2, 0], grad[..., 2, 2] = -c * k * s[0] * s[2], c * k * co[0] * co[2]
+    return u, np.linalg.det(np.eye(3) + grad), k
+
+
+def test_jacobian_of_a_non_linear_field_matches_the_analytic_determinant():
+    """Inside the grid (central differences) the determinant of a sine field matches the analytic one to the
+    central-difference error: each derivative of ``sin(k x)`` comes out scaled by ``sin(k)/k``, an error of at
+    most ``e = amplitude * k * (1 - sin(k)/k)`` per entry, and ``det`` adds six such entries, each times a
+    cofactor below ``(1 + amplitude * k)**2``. Halving ``k`` must cut the error about 8-fold (second order),
+    not 4-fold (a one-sided difference)."""
+    errors = []
+    for period in (16.0, 32.0):
+        u, expected, k = trig_field((20, 22, 24), period, 1.2, 1.2, 1.2)
+        det = jacobian_determinant(u[None])[0]
+        inner = (slice(1, -1),) * 3
+        error = np.abs(det - expected)[inner].max()
+        amplitude_k = 1.2 * k
+        bound = 6 * amplitude_k * (1 - np.sin(k) / k) * (1 + amplitude_k) ** 2
+        assert error < bound, (period, error, bound)
+        assert np.ptp(expected[inner]) > 0.5  # a field whose determinant varies a lot
+        errors.append(error)
+    assert errors[0] / errors[1] > 6, errors
+    # torch in, same values
+    det_t = jacobian_determinant(torch.from_numpy(u))
+    np.testing.assert_allclose(det_t.numpy(), jacobian_determinant(u), rtol=1e-12)
+
+
+def test_jacobian_is_negative_where_a_non_linear_field_folds():
+    """A sine field strong enough to fold (``a k = 1.5``): the analytic determinant is negative around
+    ``x0 = 8, x1 = 0`` (mod 16) and around ``x0 = 0, x1 = 8``; the computed one has the analytic sign at every
+    interior voxel whose analytic value is farther from 0 than the central-difference error, and
+    :func:`non_positive_jacobian` counts those voxels."""
+    shape = (32, 32, 12)
+    u, expected, k = trig_field(shape, 16.0, 1.5 / (2 * np.pi / 16), 0.3, 0.0)
+    det = jacobian_determinant(u)
+    inner = (slice(1, -1),) * 3
+    assert expected[8, 0, 5] < -0.4 and expected[0, 8, 5] < -0.4 and expected[0, 0, 5] > 2.0  # the known fold
+    assert det[8, 1, 5] < 0 and det[1, 8, 5] < 0 < det[1, 1, 5]
+    margin = 0.2  # > the largest |det - expected| inside, measured 0.05
+    assert np.abs(det - expected)[inner].max() < margin
+    folded, unfolded = expected < -margin, expected > margin
+    assert folded[inner].sum() > 100
+    assert (det[inner][folded[inner]] < 0).all() and (det[inner][unfolded[inner]] > 0).all()
+    count, _ = non_positive_jacobian(u, np.pad(np.ones((30, 30, 10), bool), 1))
+    ambiguous = (~folded & ~unfolded)[inner].sum()
+    assert folded[inner].sum() <= count[0] <= folded[inner].sum() + ambiguous
+
+
 # ----------------------------------------------------------------------------- label metrics
 def test_label_metrics_matches_simpleitk_on_real_labels(shared_data):
     nib = pytest.importorskip("nibabel")
