@@ -21,7 +21,12 @@ from ran_bundle.networks.blocks import (
     warp,
 )
 
+#: exact parameter counts in 3D; ``ref`` is the released checkpoint's, the others sit 5-8 % below the paper's
+#: Table 2 (``PAPER_PARAMS``) and ``docs/results.md`` says why
+PARAMS = {"ref": 738_030, "RAn0": 674_433, "RAn3": 670_713, "RAn4": 661_729, "RAn4+": 687_665}
 PAPER_PARAMS = {"RAn0": 0.71e6, "RAn3": 0.72e6, "RAn4": 0.71e6, "RAn4+": 0.75e6}
+#: our count against the paper's, in % (rounded to 0.1)
+PAPER_GAP_PERCENT = {"RAn0": -5.0, "RAn3": -6.8, "RAn4": -6.8, "RAn4+": -8.3}
 
 
 def n_params(net: torch.nn.Module) -> int:
@@ -50,14 +55,14 @@ def test_output_shape_2d(preset):
     assert out.warped.shape == (3, 1, 35, 48)
 
 
-def test_ref_parameter_count_matches_released_model():
-    assert n_params(ResidualAlignerNetwork(3, "ref")) == 738_030
-
-
-@pytest.mark.parametrize("preset", sorted(PAPER_PARAMS))
-def test_preset_parameter_counts_within_ten_percent_of_paper(preset):
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_parameter_counts_are_pinned(preset):
+    """Exact counts (``ref`` = the released checkpoint's 738,030); the paper presets' gap to its Table 2 is
+    systematic (all below, by 5.0 to 8.3 %), not noise within a tolerance."""
     count = n_params(ResidualAlignerNetwork(3, preset))
-    assert abs(count - PAPER_PARAMS[preset]) / PAPER_PARAMS[preset] < 0.10, count
+    assert count == PARAMS[preset]
+    if preset in PAPER_PARAMS:
+        assert round(100 * (count / PAPER_PARAMS[preset] - 1), 1) == PAPER_GAP_PERCENT[preset]
 
 
 def test_ablation_switches_change_the_model():
