@@ -1,20 +1,23 @@
-"""Engine glue between the RAN registration model and MONAI's ignite workflows.
+"""Engine glue between the RAN registration model and MONAI's ignite workflows: the iteration steps.
 
 MONAI's :class:`~monai.engines.SupervisedTrainer` and :class:`~monai.engines.SupervisedEvaluator`
 are built for ``image -> label`` segmentation. Registration needs a different iteration: a pair
 batch dict (keys of :mod:`ran_bundle.data`) goes in, the network predicts a DDF, and the loss or
-the metrics read the *warped* moving image and label. This module holds the pieces that the
-bundle configs plug into those engines:
+the metrics read the *warped* moving image and label. This module holds the iterations that the
+bundle configs plug into those engines (the handlers attached to them are in :mod:`ran_bundle.handlers`):
 
 - :func:`prepare_batch`: pair dict -> ``(inputs, targets)`` = ``(cat[moving, fixed], fixed)``;
-- :class:`RegistrationTrainStep`: the trainer's ``iteration_update`` (forward, loss, backward, step);
+- :func:`registration_train_step`: the package's one training step (zero_grad, forward, warp, loss,
+  non-finite check, backward, optimizer step), which every training loop calls: the trainer steps
+  below, and the comparison, benchmark and probe scripts;
+- :class:`RegistrationTrainStep`: the trainer's ``iteration_update`` for unsupervised pairs;
+- :class:`SyntheticTrainStep`: the same for synthetic pairs with a known field (pretraining);
 - :class:`RegistrationEvalStep`: the evaluator's ``iteration_update`` (forward under no_grad, warp
   the moving label with nearest neighbour), whose ``"pred"``/``"label"`` feed
   :class:`~ran_bundle.metrics.MeanDiceOverLabels` through ``from_engine(["pred", "label"])``;
-- :class:`RegistrationMetricsWriter`: per-pair metrics in mm (:func:`~ran_bundle.metrics.evaluate_pair`)
-  written to ``metrics_per_pair.csv`` and ``metrics_summary.csv``;
-- :class:`RegistrationWriter`: per-pair NIfTI outputs (warped image and label, ITK displacement
-  field, Jacobian determinant) on the fixed image's grid.
+- :class:`SyntheticEvalStep`: the same, passing the batch's true field on;
+- :func:`pair_name` / :func:`pair_names`: the names of the registered pairs;
+- :func:`check_checkpoint`: the configs' check of a checkpoint before any work.
 
 Shapes: images and labels ``(B, 1, *S)``, DDF ``(B, d, *S)`` in voxels on the fixed grid (the
 convention of :mod:`ran_bundle.fields`). The engines are created with ``decollate=False`` so
@@ -23,38 +26,31 @@ convention of :mod:`ran_bundle.fields`). The engines are created with ``decollat
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import ignite.distributed as idist
-import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
 from ran_bundle.checks import check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
-from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.networks.blocks import warp
+from ran_bundle.synthetic import TRUE_DDF
 from ran_bundle.tensors import as_plain_tensor, autocast_if
 
 __all__ = [
     "prepare_batch",
     "pair_name",
     "pair_names",
+    "NonFiniteLossError",
+    "registration_train_step",
     "RegistrationTrainStep",
-    "RegistrationEvalStep",
-    "RegistrationMetricsWriter",
-    "RegistrationWriter",
-    "LastCheckpointSaver",
-    "DatasetEpochHandler",
-    "check_checkpoint",
     "SyntheticTrainStep",
+    "RegistrationEvalStep",
+    "SyntheticEvalStep",
+    "check_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,76 +140,151 @@ def pair_names(batchdata: Mapping[str, Any]) -> list[str]:
     return [pair_name(m, f) for m, f in zip(moving, fixed, strict=False)]
 
 
-def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
-    """Per-item ``(4, 4)`` affines of a batched MetaTensor (identity when it has none)."""
-    affine = getattr(x, "affine", None)
-    if affine is None:
-        return [np.eye(4) for _ in range(batch_size)]
-    a = np.asarray(as_plain_tensor(affine).detach().cpu().numpy(), dtype=np.float64)
-    if a.ndim == 2:
-        a = np.broadcast_to(a, (batch_size, *a.shape))
-    return [np.array(a[i]) for i in range(batch_size)]
+class NonFiniteLossError(RuntimeError):
+    """The loss of a training step is NaN or infinite; nothing was stepped (the weights are the last good ones).
+
+    Attributes:
+        loss: the loss value.
+        terms: the loss function's ``last_terms`` (``{}`` when it has none).
+    """
+
+    def __init__(self, message: str, loss: float, terms: Mapping[str, float]) -> None:
+        super().__init__(message)
+        self.loss = loss
+        self.terms = dict(terms)
 
 
-def _training_forward(
-    engine: Engine,
+def _one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(B, 1, *S)`` integer-valued label map -> ``(B, N, *S)`` float32 one-hot (values clamped to ``0..N-1``)."""
+    return (
+        torch.nn.functional.one_hot(label[:, 0].round().long().clamp(0, num_classes - 1), num_classes)
+        .movedim(-1, 1)
+        .float()
+    )
+
+
+def registration_train_step(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
     inputs: torch.Tensor,
-    device: torch.device | str | None,
-    loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward half of a training iteration, shared by the unsupervised and the synthetic step.
+    loss_fn: Callable[..., torch.Tensor],
+    *,
+    moving_label: torch.Tensor | None = None,
+    fixed_label: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    true_ddf: torch.Tensor | None = None,
+    amp: bool = False,
+    amp_kwargs: Mapping[str, Any] | None = None,
+    scaler: Any = None,
+    device: torch.device | str | None = None,
+    set_to_none: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimisation step of a registration network on a batch of pairs: the package's only training step.
 
-    Network in training mode, gradients zeroed, then ``ddf = network(inputs)`` ``(B, d, *S)`` under the
-    engine's autocast (calling the possibly DDP-wrapped module itself keeps DistributedDataParallel's
-    gradient synchronisation; it is ``register(inputs).ddf``), and in float32, outside autocast (local NCC
-    sums and soft Dice lose their meaning in half precision): ``warped = warp(moving, ddf)``
-    ``(B, 1, *S)`` and ``loss = loss_of(ddf, warped)``.
+    ``network.train()``, ``optimizer.zero_grad()``, then ``ddf = network(inputs)`` ``(B, d, *S)`` (under
+    ``torch.autocast`` when ``amp``; calling the possibly DDP-wrapped module itself keeps
+    DistributedDataParallel's gradient synchronisation; for the RAN it is ``register(inputs).ddf``), and in
+    float32, outside autocast (local NCC sums and soft Dice lose their meaning in half precision):
+    ``warped = warp(moving, ddf)`` (:func:`ran_bundle.networks.blocks.warp`) and the loss
+
+    - ``loss_fn(warped, fixed, ddf, true_ddf)`` with ``true_ddf`` (supervised, e.g.
+      :class:`~ran_bundle.losses.SyntheticFieldLoss`);
+    - ``loss_fn(warped, fixed, ddf, warped_label, fixed_label)`` with both labels, ``warped_label`` the
+      one-hot moving label warped by ``ddf`` (trilinear, ``(B, N, *S)``), e.g. a
+      :class:`~ran_bundle.losses.RegistrationLoss` with ``dice_weight > 0``;
+    - ``loss_fn(warped, fixed, ddf)`` otherwise;
+
+    then the non-finite check, backward and ``optimizer.step()`` (through ``scaler`` when ``amp`` and a
+    scaler is given).
+
+    Args:
+        network: called as ``network(inputs)`` -> DDF ``(B, d, *S)`` in voxels on the fixed grid.
+        optimizer: the optimiser of ``network``'s parameters.
+        inputs: ``(B, 2C, *S)``: moving and fixed images stacked as channels (moving first, :func:`prepare_batch`).
+        loss_fn: the loss, called as above; its ``last_terms`` (if any) are returned.
+        moving_label: ``(B, 1, *S)`` integer-valued moving label, used with ``fixed_label``.
+        fixed_label: ``(B, 1, *S)`` integer-valued fixed label (or one-hot ``(B, N, *S)``), passed to the loss.
+        num_classes: number of label values ``0..N-1`` of the one-hot warp; ``None``: the largest value of
+            both labels plus one.
+        true_ddf: ``(B, d, *S)`` known field in voxels, passed to the loss.
+        amp: forward under ``torch.autocast``.
+        amp_kwargs: ``torch.autocast`` arguments (``dtype``, ...).
+        scaler: a ``GradScaler`` for ``amp``; ``None`` steps the plain gradients.
+        device: the device type of the autocast; ``None``: that of ``inputs``.
+        set_to_none: ``optimizer.zero_grad(set_to_none=...)``; with ``False`` Adam also moves parameters that
+            got no gradient in this step (MONAI's trainers default to ``False``).
 
     Returns:
-        ``(ddf, loss)``.
-    """
-    engine.network.train()
-    engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
-    with _engine_autocast(engine, device):
-        ddf = engine.network(inputs)
-    ddf = ddf.float()
-    warped = warp(inputs[:, : inputs.shape[1] // 2].float(), ddf)
-    return ddf, loss_of(ddf, warped)
-
-
-def _step(engine: Engine, loss: torch.Tensor, kind: str, advice: str) -> dict[str, float]:
-    """Backward and optimizer step for ``loss`` (through ``engine.scaler`` under amp); the loss terms.
+        ``(ddf, loss, terms)``: the DDF ``(B, d, *S)`` float32 and the loss (both detached), and the loss
+        terms as floats without ``"total"``.
 
     Raises:
-        RuntimeError: the loss is NaN or infinite (names the iteration, epoch and terms, then ``advice``);
-            nothing is stepped, so the weights stay those of the last good iteration.
+        NonFiniteLossError: the loss is NaN or infinite; nothing is stepped.
     """
-    terms = getattr(engine.loss_function, "last_terms", {})
-    if not torch.isfinite(loss).all():
-        raise RuntimeError(
-            f"non-finite {kind} loss {loss.item()} at iteration {engine.state.iteration} "
-            f"(epoch {engine.state.epoch}); loss terms: {terms}. {advice}"
-        )
-    scaler = getattr(engine, "scaler", None)
-    if getattr(engine, "amp", False) and scaler is not None:
+    network.train()
+    optimizer.zero_grad(set_to_none=set_to_none)
+    with autocast_if(amp, inputs.device if device is None else device, **(amp_kwargs or {})):
+        ddf = network(inputs)
+    ddf = ddf.float()
+    half = inputs.shape[1] // 2
+    moving, fixed = inputs[:, :half].float(), inputs[:, half:].float()
+    warped = warp(moving, ddf)
+    if true_ddf is not None:
+        loss = loss_fn(warped, fixed, ddf, true_ddf)
+    elif moving_label is not None and fixed_label is not None:
+        n = num_classes or int(max(moving_label.max().item(), fixed_label.max().item())) + 1
+        loss = loss_fn(warped, fixed, ddf, warp(_one_hot(moving_label, n), ddf), fixed_label)
+    else:
+        loss = loss_fn(warped, fixed, ddf)
+    terms = dict(getattr(loss_fn, "last_terms", {}))
+    if not loss.is_meta and not torch.isfinite(loss).all():  # meta tensors (memory counts) hold no values
+        value = loss.item()
+        raise NonFiniteLossError(f"non-finite loss {value}; loss terms: {terms}; nothing was stepped.", value, terms)
+    if amp and scaler is not None:
         scaler.scale(loss).backward()
-        scaler.step(engine.optimizer)
+        scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
-        engine.optimizer.step()
-    return {k: float(v) for k, v in terms.items() if k != "total"}
+        optimizer.step()
+    return ddf.detach(), loss.detach(), {k: float(v) for k, v in terms.items() if k != "total"}
+
+
+def _engine_train_step(engine: Engine, inputs: torch.Tensor, kind: str, advice: str, **kwargs: Any):
+    """:func:`registration_train_step` with the engine's network, optimizer, loss, amp and scaler.
+
+    Raises:
+        NonFiniteLossError: naming the iteration, the epoch and the terms, then ``advice``.
+    """
+    amp = bool(getattr(engine, "amp", False))
+    try:
+        return registration_train_step(
+            engine.network,
+            engine.optimizer,
+            inputs,
+            engine.loss_function,
+            amp=amp,
+            amp_kwargs=getattr(engine, "amp_kwargs", None),
+            scaler=getattr(engine, "scaler", None) if amp else None,
+            device=engine.state.device,
+            set_to_none=getattr(engine, "optim_set_to_none", False),
+            **kwargs,
+        )
+    except NonFiniteLossError as err:
+        message = (
+            f"non-finite {kind} loss {err.loss} at iteration {engine.state.iteration} "
+            f"(epoch {engine.state.epoch}); loss terms: {err.terms}. {advice}"
+        )
+        raise NonFiniteLossError(message, err.loss, err.terms) from None
 
 
 class RegistrationTrainStep:
     """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for unsupervised registration.
 
-    One call: ``inputs = cat[moving, fixed]`` ``(B, 2, *S)`` -> ``ddf = net(inputs)`` ``(B, d, *S)``
-    (the ``ddf`` of ``net.register``; the module is called so that a DDP wrapper syncs gradients)
-    -> ``warped = warp(moving, ddf)`` ``(B, 1, *S)`` -> ``engine.loss_function(warped, fixed,
-    ddf[, warped_label, fixed_label])`` -> backward -> ``engine.optimizer.step()``. With
-    ``engine.amp`` the forward runs under ``torch.autocast`` and the step goes through
-    ``engine.scaler``.
+    One call of :func:`registration_train_step` on ``inputs = cat[moving, fixed]`` ``(B, 2, *S)`` with the
+    engine's network, optimizer and ``loss_function`` (called as ``loss(warped, fixed, ddf[, warped_label,
+    fixed_label])``). With ``engine.amp`` the forward runs under ``torch.autocast`` (``engine.amp_kwargs``)
+    and the step goes through ``engine.scaler``.
 
     Args:
         use_labels: pass warped one-hot moving labels and the fixed labels to the loss (for a
@@ -226,31 +297,65 @@ class RegistrationTrainStep:
         ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": fixed (B, 1, *S)}``.
 
     Raises:
-        RuntimeError: when the loss is NaN or infinite (names the iteration and the terms).
+        NonFiniteLossError: when the loss is NaN or infinite (names the iteration and the terms).
     """
 
     def __init__(self, use_labels: bool = False, num_classes: int | None = None) -> None:
         self.use_labels = bool(use_labels)
         self.num_classes = None if num_classes is None else int(num_classes)
 
-    def _one_hot(self, moving_label: torch.Tensor, fixed_label: torch.Tensor) -> torch.Tensor:
-        n = self.num_classes or int(max(moving_label.max().item(), fixed_label.max().item())) + 1
-        return torch.nn.functional.one_hot(moving_label[:, 0].round().long().clamp(0, n - 1), n).movedim(-1, 1).float()
-
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         device, nb = engine.state.device, getattr(engine, "non_blocking", False)
         inputs, fixed = prepare_batch(batchdata, device, nb)
         moving_label, fixed_label = _labels(batchdata, device, nb) if self.use_labels else (None, None)
+        ddf, loss, terms = _engine_train_step(
+            engine,
+            inputs,
+            "training",
+            "Lower the learning rate, disable amp, or check the input intensities.",
+            moving_label=moving_label,
+            fixed_label=fixed_label,
+            num_classes=self.num_classes,
+        )
+        return {"loss": float(loss), **terms, "pred": ddf, "label": fixed}
 
-        def loss_of(ddf: torch.Tensor, warped: torch.Tensor) -> torch.Tensor:
-            warped_label = None
-            if moving_label is not None and fixed_label is not None:
-                warped_label = warp(self._one_hot(moving_label, fixed_label), ddf)
-            return engine.loss_function(warped, fixed, ddf, warped_label, fixed_label)
 
-        ddf, loss = _training_forward(engine, inputs, device, loss_of)
-        terms = _step(engine, loss, "training", "Lower the learning rate, disable amp, or check the input intensities.")
-        return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": fixed}
+class SyntheticTrainStep:
+    """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for synthetic pretraining.
+
+    The supervised counterpart of :class:`RegistrationTrainStep` for pairs with a known field
+    (:mod:`ran_bundle.synthetic`): one call of :func:`registration_train_step` with ``true_ddf``
+    ``(B, d, *S)`` voxels read from the batch, so the loss is ``engine.loss_function(warped, fixed, ddf,
+    true_ddf)`` (a :class:`~ran_bundle.losses.SyntheticFieldLoss`: 0.1 image MSE + 1 field MSE + 1
+    smoothness). With ``engine.amp`` the forward runs under ``torch.autocast`` and the step goes through
+    ``engine.scaler``.
+
+    Args:
+        ddf_key: batch key of the true field (:data:`ran_bundle.synthetic.TRUE_DDF`, ``"true_ddf"``).
+
+    Returns (``engine.state.output``):
+        ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": true_ddf (B, d, *S)}``.
+
+    Raises:
+        KeyError: the batch has no true field.
+        NonFiniteLossError: when the loss is NaN or infinite (names the iteration and the terms).
+    """
+
+    def __init__(self, ddf_key: str = TRUE_DDF) -> None:
+        self.ddf_key = ddf_key
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        device, nb = engine.state.device, getattr(engine, "non_blocking", False)
+        if self.ddf_key not in batchdata:
+            raise KeyError(
+                f"a synthetic pair batch needs the true field {self.ddf_key!r}, got keys {sorted(batchdata)}; "
+                "build the data with ran_bundle.synthetic.synthetic_pair_transforms."
+            )
+        inputs, _ = prepare_batch(batchdata, device, nb)
+        true_ddf = _to(batchdata[self.ddf_key], device, nb).float()
+        advice = "Lower the learning rate or the synthetic field magnitudes, disable amp, or check the intensities."
+        ddf, loss, terms = _engine_train_step(engine, inputs, "pretraining", advice, true_ddf=true_ddf)
+        return {"loss": float(loss), **terms, "pred": ddf, "label": true_ddf}
 
 
 class RegistrationEvalStep:
@@ -286,236 +391,23 @@ class RegistrationEvalStep:
         }
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
+class SyntheticEvalStep(RegistrationEvalStep):
+    """:class:`RegistrationEvalStep` that also returns the batch's true field.
 
-
-def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Write dict rows (union of keys, first-seen order) to ``path`` atomically."""
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-
-
-class RegistrationMetricsWriter:
-    """Per-pair registration metrics in physical units, written as CSV at the end of an evaluation.
-
-    Attach to an evaluator that runs :class:`RegistrationEvalStep`. After each iteration it calls
-    :func:`~ran_bundle.metrics.evaluate_pair` for every pair of the batch (warped moving label vs
-    fixed label, DDF for the Jacobian statistics), with the voxel size read from the fixed image's
-    affine (mm). At ``COMPLETED`` it writes ``<output_dir>/metrics_per_pair.csv`` (columns
-    ``pair, label, dice, hd95, hd, asd, non_pos_jac_count, non_pos_jac_percent, sdlogj``; one row
-    per label plus ``mean`` and ``all``), ``<output_dir>/metrics_summary.csv`` (mean/std per label
-    over pairs, :func:`~ran_bundle.metrics.summarise`) and logs a summary table.
-
-    Args:
-        output_dir: folder of the CSV files (created).
-        labels: label values to evaluate; ``None``: every non-zero value of each fixed label.
-        per_pair_filename: name of the per-pair CSV.
-        summary_filename: name of the summary CSV.
+    Output: that of ``RegistrationEvalStep`` plus ``ddf_key`` (``"true_ddf"``, ``(B, d, *S)``
+    voxels, on the engine's device), so ``from_engine(["ddf", "true_ddf"])`` feeds
+    :class:`~ran_bundle.synthetic.EndPointError`.
     """
 
-    def __init__(
-        self,
-        output_dir: str | os.PathLike,
-        labels: Sequence[int] | None = None,
-        per_pair_filename: str = "metrics_per_pair.csv",
-        summary_filename: str = "metrics_summary.csv",
-    ) -> None:
-        self.output_dir = Path(output_dir)
-        self.labels = None if labels is None else [int(v) for v in labels]
-        self.per_pair_filename = per_pair_filename
-        self.summary_filename = summary_filename
-        self.rows: list[dict[str, Any]] = []
+    def __init__(self, ddf_key: str = TRUE_DDF) -> None:
+        self.ddf_key = ddf_key
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self.reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
-        engine.add_event_handler(Events.COMPLETED, self.write)
-
-    def reset(self, engine: Engine | None = None) -> None:
-        self.rows = []
-
-    def update(self, engine: Engine) -> None:
-        batch, out = engine.state.batch, engine.state.output
-        if out.get("pred") is None or out.get("label") is None:
-            raise ValueError("RegistrationMetricsWriter needs moving and fixed labels in every evaluation pair.")
-        b = int(out["ddf"].shape[0])
-        names = pair_names(batch)
-        affines = _affines(batch[FIXED], b)
-        for i in range(b):
-            self.rows.extend(
-                evaluate_pair(
-                    out["pred"][i, 0].detach().cpu().numpy(),
-                    out["label"][i, 0].detach().cpu().numpy(),
-                    out["ddf"][i].detach().cpu().numpy(),
-                    spacing=spacing_of(affines[i]),
-                    labels=self.labels,
-                    pair=names[i],
-                )
-            )
-
-    def write(self, engine: Engine | None = None) -> list[dict[str, Any]]:
-        """Write both CSV files and log the summary; returns the summary rows."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv(self.rows, self.output_dir / self.per_pair_filename)
-        summary = summarise(self.rows)
-        _write_csv(summary, self.output_dir / self.summary_filename)
-        cols = ["dice", "hd95", "hd", "asd", "non_pos_jac_percent", "sdlogj"]
-        lines = [f"{'label':>8} {'n':>4} " + " ".join(f"{c:>22}" for c in cols)]
-        for s in summary:
-            vals = " ".join(f"{_fmt(s.get(c + '_mean')) + ' +- ' + _fmt(s.get(c + '_std')):>22}" for c in cols)
-            lines.append(f"{s['label']!s:>8} {s['n']:>4} {vals}")
-        table = "\n".join(lines)
-        logger.info("wrote %s and %s", self.output_dir / self.per_pair_filename, self.summary_filename)
-        print(f"registration metrics (mean +- std over pairs; distances in mm):\n{table}", flush=True)
-        return summary
-
-
-class RegistrationWriter:
-    """Write each registered pair of an evaluator running :class:`RegistrationEvalStep` as NIfTI.
-
-    Per pair ``<moving-stem>_to_<fixed-stem>``, on the fixed image's grid and affine (after the
-    preprocessing of the config), atomically (:mod:`ran_bundle.fields`):
-
-    - ``<pair>_warped.nii.gz``: moving image warped onto the fixed grid (float32, preprocessed
-      intensities);
-    - ``<pair>_warped_label.nii.gz``: moving label warped with nearest neighbour (only written when
-      the pair has a moving label; int16, values from the moving label set only);
-    - ``<pair>_ddf.nii.gz``: the displacement field in mm in ITK's convention
-      (:func:`~ran_bundle.fields.write_displacement_nifti`), usable by SimpleITK/ANTs/Slicer;
-    - ``<pair>_jacobian.nii.gz``: Jacobian determinant of ``x -> x + u(x)`` (float32).
-
-    Args:
-        output_dir: output folder (created).
-    """
-
-    def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.output_dir = Path(output_dir)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        batch, out = engine.state.batch, engine.state.output
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        b = int(out["ddf"].shape[0])
-        names = pair_names(batch)
-        affines = _affines(batch[FIXED], b)
-        for i in range(b):
-            prefix, affine = self.output_dir / names[i], affines[i]
-            ddf = out["ddf"][i : i + 1].detach().float().cpu()
-            write_image_atomic(
-                out["warped"][i, 0].detach().float().cpu().numpy(), affine, f"{prefix}_warped.nii.gz", "float32"
-            )
-            if out.get("pred") is not None:
-                lab = out["pred"][i, 0].detach().cpu().numpy()
-                write_image_atomic(np.rint(lab).astype(np.int16), affine, f"{prefix}_warped_label.nii.gz", "int16")
-            write_displacement_nifti(ddf.numpy(), affine, f"{prefix}_ddf.nii.gz")
-            jac = np.asarray(jacobian_determinant(ddf.numpy()), dtype=np.float32).reshape(ddf.shape[2:])
-            write_image_atomic(jac, affine, f"{prefix}_jacobian.nii.gz", "float32")
-            logger.info("wrote %s_{warped,warped_label,ddf,jacobian}.nii.gz", prefix)
-
-
-class LastCheckpointSaver:
-    """Save the whole training state atomically after every ``interval`` epochs, to resume from.
-
-    MONAI's ``CheckpointSaver`` writes in place (ignite's ``DiskSaver`` with ``atomic=False``), so a
-    kill while saving can leave a truncated file. This handler writes
-    ``{name: obj.state_dict()}`` (a ``DistributedDataParallel``/``DataParallel`` model is saved
-    unwrapped, so single- and multi-process runs read each other's files) to a temporary file in
-    ``save_dir``, flushes it to disk and renames it over ``filename``: readers see the previous
-    complete file or the new complete one, never a partial one. Only rank 0 writes.
-
-    It saves at ``EPOCH_COMPLETED`` (every ``interval`` epochs) and at ``COMPLETED``; never on an
-    exception, so after a failure (e.g. a non-finite loss) the file still holds the last good epoch.
-    Resuming from it (``CheckpointLoader`` with the same ``save_dict`` keys) restarts at the next
-    epoch; with :class:`~ran_bundle.data.RandomPairDataset` and :class:`DatasetEpochHandler` every
-    later epoch draws what the uninterrupted run drew.
-
-    Args:
-        save_dir: folder of the checkpoint (created).
-        save_dict: objects with ``state_dict()``, e.g. ``{"model": net, "optimizer": opt,
-            "lr_scheduler": sched, "trainer": trainer}``.
-        filename: checkpoint file name in ``save_dir``.
-        interval: save every ``interval`` epochs.
-    """
-
-    def __init__(
-        self,
-        save_dir: str | os.PathLike,
-        save_dict: Mapping[str, Any],
-        filename: str = "model_last.pt",
-        interval: int = 1,
-    ) -> None:
-        if int(interval) < 1:
-            raise ValueError(f"interval must be >= 1, got {interval}.")
-        missing = [k for k, v in save_dict.items() if not callable(getattr(v, "state_dict", None))]
-        if missing:
-            raise TypeError(f"save_dict entries {missing} have no state_dict().")
-        self.path = Path(save_dir) / filename
-        self.save_dict = dict(save_dict)
-        self.interval = int(interval)
-        self._saved_at: tuple[int, int] | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.save)
-        engine.add_event_handler(Events.COMPLETED, self.save)
-
-    def save(self, engine: Engine) -> None:
-        """Write the checkpoint now (rank 0 only; once per (epoch, iteration))."""
-        if idist.get_rank() != 0 or self._saved_at == (engine.state.epoch, engine.state.iteration):
-            return
-        state = {
-            k: (
-                v.module if isinstance(v, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else v
-            ).state_dict()
-            for k, v in self.save_dict.items()
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._saved_at = (engine.state.epoch, engine.state.iteration)
-        logger.info("saved %s (epoch %d, iteration %d)", self.path, engine.state.epoch, engine.state.iteration)
-
-
-class DatasetEpochHandler:
-    """Tell a dataset which epoch starts, so its random draws follow the epoch (see ``set_epoch``).
-
-    Attached to a trainer, it calls ``dataset.set_epoch(engine.state.epoch)`` at every
-    ``EPOCH_STARTED`` (1-based epochs, as ignite counts them). With
-    :class:`~ran_bundle.data.RandomPairDataset` this makes every epoch's pairs, crops and intensity
-    factors a function of ``(seed, epoch, index)``: identical across ranks, workers and resumed runs.
-
-    Args:
-        dataset: anything with ``set_epoch(int)``.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        if not callable(getattr(dataset, "set_epoch", None)):
-            raise TypeError(f"{type(dataset).__name__} has no set_epoch(epoch) method.")
-        self.dataset = dataset
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        self.dataset.set_epoch(engine.state.epoch)
+    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
+        if self.ddf_key not in batchdata:
+            raise KeyError(f"a synthetic batch needs {self.ddf_key!r}, got keys {sorted(batchdata)}.")
+        out = super().__call__(engine, batchdata)
+        out[self.ddf_key] = as_plain_tensor(batchdata[self.ddf_key]).to(engine.state.device).float()
+        return out
 
 
 def check_checkpoint(
@@ -546,49 +438,3 @@ def check_checkpoint(
             "use the network_def (preset and options) the checkpoint was trained with.",
         )
     return os.fspath(path)
-
-
-class SyntheticTrainStep:
-    """``iteration_update`` of :class:`~monai.engines.SupervisedTrainer` for synthetic pretraining.
-
-    The supervised counterpart of :class:`RegistrationTrainStep` for pairs with a known field
-    (:mod:`ran_bundle.synthetic`): ``inputs = cat[moving, fixed]`` ``(B, 2, *S)`` -> ``ddf = net(inputs)``
-    ``(B, d, *S)`` -> ``warped = warp(moving, ddf)`` -> ``engine.loss_function(warped, fixed, ddf, true_ddf)``
-    (a :class:`~ran_bundle.losses.SyntheticFieldLoss`: 0.1 image MSE + 1 field MSE + 1 smoothness)
-    -> backward -> ``engine.optimizer.step()``; ``true_ddf`` ``(B, d, *S)`` voxels is read from the
-    batch. With ``engine.amp`` the forward runs under ``torch.autocast`` and the step goes through
-    ``engine.scaler``.
-
-    Args:
-        ddf_key: batch key of the true field; ``None``: :data:`ran_bundle.synthetic.TRUE_DDF` (``"true_ddf"``).
-
-    Returns (``engine.state.output``):
-        ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": true_ddf (B, d, *S)}``.
-
-    Raises:
-        KeyError: the batch has no true field.
-        RuntimeError: when the loss is NaN or infinite (names the iteration and the terms).
-    """
-
-    def __init__(self, ddf_key: str | None = None) -> None:
-        if ddf_key is None:
-            from ran_bundle.synthetic import TRUE_DDF  # lazy: ran_bundle.synthetic imports this module
-
-            ddf_key = TRUE_DDF
-        self.ddf_key = ddf_key
-
-    def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        device, nb = engine.state.device, getattr(engine, "non_blocking", False)
-        if self.ddf_key not in batchdata:
-            raise KeyError(
-                f"a synthetic pair batch needs the true field {self.ddf_key!r}, got keys {sorted(batchdata)}; "
-                "build the data with ran_bundle.synthetic.synthetic_pair_transforms."
-            )
-        inputs, fixed = prepare_batch(batchdata, device, nb)
-        true_ddf = _to(batchdata[self.ddf_key], device, nb).float()
-        ddf, loss = _training_forward(
-            engine, inputs, device, lambda ddf, warped: engine.loss_function(warped, fixed, ddf, true_ddf)
-        )
-        advice = "Lower the learning rate or the synthetic field magnitudes, disable amp, or check the intensities."
-        terms = _step(engine, loss, "pretraining", advice)
-        return {"loss": float(loss.detach()), **terms, "pred": ddf.detach(), "label": true_ddf}

@@ -42,9 +42,10 @@ Pieces:
   intensity, crop/pad, deform);
 - data: :class:`SyntheticPairDataset` (random samples for training, seeded fixed samples for
   validation);
-- evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric),
-  :class:`SyntheticEvalStep` (the evaluator step that also passes the true field on) and
-  :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint).
+- evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric) and
+  :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint); the trainer
+  and evaluator steps of the pretraining are :class:`ran_bundle.engines.SyntheticTrainStep` and
+  :class:`ran_bundle.engines.SyntheticEvalStep`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,6 @@ from monai.utils import MetricReduction
 from torch.utils.data import Dataset
 
 from ran_bundle.data import PAIR_KEYS
-from ran_bundle.engines import RegistrationEvalStep
 from ran_bundle.fields import spacing_of
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
 from ran_bundle.networks.blocks import warp
@@ -106,7 +106,6 @@ __all__ = [
     "SyntheticPairDataset",
     "end_point_error",
     "EndPointError",
-    "SyntheticEvalStep",
     "load_pretrained",
 ]
 
@@ -611,7 +610,7 @@ class SyntheticPairDataset(Randomizable, Dataset):
     or order it is loaded, and a resumed run draws what the uninterrupted run drew.
 
     - ``fixed_samples=False`` (training): the subject is drawn at random; :meth:`set_epoch` (called
-      by :class:`ran_bundle.engines.DatasetEpochHandler`) moves to the next epoch's draws.
+      by :class:`ran_bundle.handlers.DatasetEpochHandler`) moves to the next epoch's draws.
     - ``fixed_samples=True`` (validation, held-out tests): item ``i`` is subject ``i % n`` and the
       draws ignore the epoch, so the samples are the same on every epoch; give it a ``seed`` other
       than the training one for fields the training never saw.
@@ -721,7 +720,7 @@ class EndPointError(CumulativeIterationMetric):
     Lower is better: give the evaluator ``metric_cmp_fn=lambda current, best: current < best`` and
     the best-model ``CheckpointSaver`` ``key_metric_negative_sign=True`` (as ``configs/pretrain.json``).
     Use it through :class:`monai.handlers.IgniteMetricHandler` with
-    ``output_transform=from_engine(["ddf", "true_ddf"])`` on :class:`SyntheticEvalStep` outputs.
+    ``output_transform=from_engine(["ddf", "true_ddf"])`` on :class:`~ran_bundle.engines.SyntheticEvalStep` outputs.
 
     Args:
         reduction: MONAI reduction of the buffered ``(N, 1)`` values (default mean).
@@ -745,26 +744,6 @@ class EndPointError(CumulativeIterationMetric):
             raise ValueError("the data to aggregate must be a PyTorch Tensor.")
         f, _ = do_metric_reduction(data, reduction or self.reduction)
         return f
-
-
-class SyntheticEvalStep(RegistrationEvalStep):
-    """:class:`~ran_bundle.engines.RegistrationEvalStep` that also returns the batch's true field.
-
-    Output: that of ``RegistrationEvalStep`` plus ``ddf_key`` (``"true_ddf"``, ``(B, d, *S)``
-    voxels, on the engine's device), so ``from_engine(["ddf", "true_ddf"])`` feeds :class:`EndPointError`.
-    """
-
-    def __init__(self, ddf_key: str = TRUE_DDF) -> None:
-        self.ddf_key = ddf_key
-
-    def __call__(self, engine: Any, batchdata: Mapping[str, Any]) -> dict[str, Any]:
-        if self.ddf_key not in batchdata:
-            raise KeyError(f"a synthetic batch needs {self.ddf_key!r}, got keys {sorted(batchdata)}.")
-        out = super().__call__(engine, batchdata)
-        true = batchdata[self.ddf_key]
-        true = true.as_tensor() if hasattr(true, "as_tensor") else true
-        out[self.ddf_key] = true.to(engine.state.device).float()
-        return out
 
 
 def load_pretrained(

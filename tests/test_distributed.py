@@ -176,7 +176,8 @@ class NaNAfterFirstEpoch(torch.nn.Module):
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     from ignite.engine import Engine, Events
 
-    from ran_bundle.engines import LastCheckpointSaver, RegistrationTrainStep
+    from ran_bundle.engines import RegistrationTrainStep
+    from ran_bundle.handlers import LastCheckpointSaver
     from ran_bundle.losses import RegistrationLoss
 
     torch.manual_seed(0)

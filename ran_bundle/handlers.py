@@ -1,0 +1,277 @@
+"""Handlers of the registration engines: what is attached to MONAI's trainer and evaluator besides the step.
+
+- :class:`RegistrationMetricsWriter`: per-pair metrics in mm (:func:`~ran_bundle.metrics.evaluate_pair`)
+  written to ``metrics_per_pair.csv`` and ``metrics_summary.csv``;
+- :class:`RegistrationWriter`: per-pair NIfTI outputs (warped image and label, ITK displacement
+  field, Jacobian determinant) on the fixed image's grid;
+- :class:`LastCheckpointSaver`: the whole training state in one file, written atomically, to resume from
+  (ignite's :class:`~ignite.handlers.Checkpoint` and :class:`~ignite.handlers.DiskSaver`);
+- :class:`DatasetEpochHandler`: tells a dataset which epoch starts, so that its random draws follow it.
+
+The evaluator handlers read the outputs of :class:`~ran_bundle.engines.RegistrationEvalStep` (batched dicts:
+the engines run with ``decollate=False``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers.checkpoint import CheckpointEvents
+
+from ran_bundle.data import PAIR_KEYS
+from ran_bundle.engines import pair_names
+from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
+from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
+from ran_bundle.tensors import as_plain_tensor
+
+__all__ = ["RegistrationMetricsWriter", "RegistrationWriter", "LastCheckpointSaver", "DatasetEpochHandler"]
+
+logger = logging.getLogger(__name__)
+
+FIXED = PAIR_KEYS[1]
+
+
+def _affines(x: Any, batch_size: int) -> list[np.ndarray]:
+    """Per-item ``(4, 4)`` affines of a batched MetaTensor (identity when it has none)."""
+    affine = getattr(x, "affine", None)
+    if affine is None:
+        return [np.eye(4) for _ in range(batch_size)]
+    a = np.asarray(as_plain_tensor(affine).detach().cpu().numpy(), dtype=np.float64)
+    if a.ndim == 2:
+        a = np.broadcast_to(a, (batch_size, *a.shape))
+    return [np.array(a[i]) for i in range(batch_size)]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write dict rows (union of keys, first-seen order) to ``path`` atomically."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class RegistrationMetricsWriter:
+    """Per-pair registration metrics in physical units, written as CSV at the end of an evaluation.
+
+    Attach to an evaluator that runs :class:`~ran_bundle.engines.RegistrationEvalStep`. After each
+    iteration it calls :func:`~ran_bundle.metrics.evaluate_pair` for every pair of the batch (warped
+    moving label vs fixed label, DDF for the Jacobian statistics), with the voxel size read from the
+    fixed image's affine (mm). At ``COMPLETED`` it writes ``<output_dir>/metrics_per_pair.csv`` (columns
+    ``pair, label, dice, hd95, hd, asd, non_pos_jac_count, non_pos_jac_percent, sdlogj``; one row
+    per label plus ``mean`` and ``all``), ``<output_dir>/metrics_summary.csv`` (mean/std per label
+    over pairs, :func:`~ran_bundle.metrics.summarise`) and logs a summary table.
+
+    Args:
+        output_dir: folder of the CSV files (created).
+        labels: label values to evaluate; ``None``: every non-zero value of each fixed label.
+        per_pair_filename: name of the per-pair CSV.
+        summary_filename: name of the summary CSV.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        labels: Sequence[int] | None = None,
+        per_pair_filename: str = "metrics_per_pair.csv",
+        summary_filename: str = "metrics_summary.csv",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.labels = None if labels is None else [int(v) for v in labels]
+        self.per_pair_filename = per_pair_filename
+        self.summary_filename = summary_filename
+        self.rows: list[dict[str, Any]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.rows = []
+
+    def update(self, engine: Engine) -> None:
+        batch, out = engine.state.batch, engine.state.output
+        if out.get("pred") is None or out.get("label") is None:
+            raise ValueError("RegistrationMetricsWriter needs moving and fixed labels in every evaluation pair.")
+        b = int(out["ddf"].shape[0])
+        names = pair_names(batch)
+        affines = _affines(batch[FIXED], b)
+        for i in range(b):
+            self.rows.extend(
+                evaluate_pair(
+                    out["pred"][i, 0].detach().cpu().numpy(),
+                    out["label"][i, 0].detach().cpu().numpy(),
+                    out["ddf"][i].detach().cpu().numpy(),
+                    spacing=spacing_of(affines[i]),
+                    labels=self.labels,
+                    pair=names[i],
+                )
+            )
+
+    def write(self, engine: Engine | None = None) -> list[dict[str, Any]]:
+        """Write both CSV files and log the summary; returns the summary rows."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _write_csv(self.rows, self.output_dir / self.per_pair_filename)
+        summary = summarise(self.rows)
+        _write_csv(summary, self.output_dir / self.summary_filename)
+        cols = ["dice", "hd95", "hd", "asd", "non_pos_jac_percent", "sdlogj"]
+        lines = [f"{'label':>8} {'n':>4} " + " ".join(f"{c:>22}" for c in cols)]
+        for s in summary:
+            vals = " ".join(f"{_fmt(s.get(c + '_mean')) + ' +- ' + _fmt(s.get(c + '_std')):>22}" for c in cols)
+            lines.append(f"{s['label']!s:>8} {s['n']:>4} {vals}")
+        table = "\n".join(lines)
+        logger.info("wrote %s and %s", self.output_dir / self.per_pair_filename, self.summary_filename)
+        print(f"registration metrics (mean +- std over pairs; distances in mm):\n{table}", flush=True)
+        return summary
+
+
+class RegistrationWriter:
+    """Write each registered pair of an evaluator (:class:`~ran_bundle.engines.RegistrationEvalStep`) as NIfTI.
+
+    Per pair ``<moving-stem>_to_<fixed-stem>``, on the fixed image's grid and affine (after the
+    preprocessing of the config), atomically (:mod:`ran_bundle.fields`):
+
+    - ``<pair>_warped.nii.gz``: moving image warped onto the fixed grid (float32, preprocessed
+      intensities);
+    - ``<pair>_warped_label.nii.gz``: moving label warped with nearest neighbour (only written when
+      the pair has a moving label; int16, values from the moving label set only);
+    - ``<pair>_ddf.nii.gz``: the displacement field in mm in ITK's convention
+      (:func:`~ran_bundle.fields.write_displacement_nifti`), usable by SimpleITK/ANTs/Slicer;
+    - ``<pair>_jacobian.nii.gz``: Jacobian determinant of ``x -> x + u(x)`` (float32).
+
+    Args:
+        output_dir: output folder (created).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        batch, out = engine.state.batch, engine.state.output
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        b = int(out["ddf"].shape[0])
+        names = pair_names(batch)
+        affines = _affines(batch[FIXED], b)
+        for i in range(b):
+            prefix, affine = self.output_dir / names[i], affines[i]
+            ddf = out["ddf"][i : i + 1].detach().float().cpu()
+            write_image_atomic(
+                out["warped"][i, 0].detach().float().cpu().numpy(), affine, f"{prefix}_warped.nii.gz", "float32"
+            )
+            if out.get("pred") is not None:
+                lab = out["pred"][i, 0].detach().cpu().numpy()
+                write_image_atomic(np.rint(lab).astype(np.int16), affine, f"{prefix}_warped_label.nii.gz", "int16")
+            write_displacement_nifti(ddf.numpy(), affine, f"{prefix}_ddf.nii.gz")
+            jac = np.asarray(jacobian_determinant(ddf.numpy()), dtype=np.float32).reshape(ddf.shape[2:])
+            write_image_atomic(jac, affine, f"{prefix}_jacobian.nii.gz", "float32")
+            logger.info("wrote %s_{warped,warped_label,ddf,jacobian}.nii.gz", prefix)
+
+
+class _ReplacingDiskSaver(DiskSaver):
+    """:class:`~ignite.handlers.DiskSaver` that lets its atomic write replace the file of the same name.
+
+    :class:`~ignite.handlers.Checkpoint` deletes the previous file before writing one of the same name; with
+    the one fixed name of :class:`LastCheckpointSaver` that would leave no checkpoint at all if the process
+    died during the write. ``DiskSaver(atomic=True)`` writes a temporary file and renames it over the old
+    one, so the deletion is not needed: readers see the previous complete file or the new one.
+    """
+
+    def remove(self, filename: str) -> None:
+        pass
+
+
+class LastCheckpointSaver(Checkpoint):
+    """Save the whole training state atomically after every ``interval`` epochs, to resume from.
+
+    Ignite's :class:`~ignite.handlers.Checkpoint` with ``DiskSaver(save_dir, atomic=True,
+    require_empty=False)``, one file named ``filename`` (``n_saved=1``). MONAI's ``CheckpointSaver`` writes
+    in place (``atomic=False``), so a kill while saving could leave a truncated file; here the file holds
+    ``{name: obj.state_dict()}`` of ``save_dict`` (a single entry is saved as its bare state dict, which
+    MONAI's ``CheckpointLoader`` also reads; a ``DistributedDataParallel``/``DataParallel`` model is saved
+    unwrapped, so single- and multi-process runs read each other's files), written to a temporary file in
+    ``save_dir`` and renamed over ``filename``. Only rank 0 writes.
+
+    It saves at ``EPOCH_COMPLETED`` (every ``interval`` epochs) and at ``COMPLETED`` (once per iteration
+    count: the end of the last epoch is written once); never on an exception, so after a failure (e.g. a
+    non-finite loss) the file still holds the last good epoch. Resuming from it (``CheckpointLoader`` with
+    the same ``save_dict`` keys) restarts at the next epoch; with :class:`~ran_bundle.data.RandomPairDataset`
+    and :class:`DatasetEpochHandler` every later epoch draws what the uninterrupted run drew.
+
+    Args:
+        save_dir: folder of the checkpoint (created).
+        save_dict: objects with ``state_dict()``, e.g. ``{"model": net, "optimizer": opt,
+            "lr_scheduler": sched, "trainer": trainer}``.
+        filename: checkpoint file name in ``save_dir``.
+        interval: save every ``interval`` epochs.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        filename: str = "model_last.pt",
+        interval: int = 1,
+    ) -> None:
+        if int(interval) < 1:
+            raise ValueError(f"interval must be >= 1, got {interval}.")
+        saver = _ReplacingDiskSaver(save_dir, atomic=True, create_dir=True, require_empty=False)
+        super().__init__(dict(save_dict), saver, filename_pattern=filename, n_saved=1)
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval) | Events.COMPLETED, self)
+        if not engine.has_registered_events(CheckpointEvents.SAVED_CHECKPOINT):
+            engine.register_events(*CheckpointEvents)
+        engine.add_event_handler(CheckpointEvents.SAVED_CHECKPOINT, self._log)
+
+    def _log(self, engine: Engine) -> None:
+        logger.info(
+            "saved %s (epoch %d, iteration %d)", self.last_checkpoint, engine.state.epoch, engine.state.iteration
+        )
+
+
+class DatasetEpochHandler:
+    """Tell a dataset which epoch starts, so its random draws follow the epoch (see ``set_epoch``).
+
+    Attached to a trainer, it calls ``dataset.set_epoch(engine.state.epoch)`` at every
+    ``EPOCH_STARTED`` (1-based epochs, as ignite counts them). With
+    :class:`~ran_bundle.data.RandomPairDataset` this makes every epoch's pairs, crops and intensity
+    factors a function of ``(seed, epoch, index)``: identical across ranks, workers and resumed runs.
+
+    Args:
+        dataset: anything with ``set_epoch(int)``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        if not callable(getattr(dataset, "set_epoch", None)):
+            raise TypeError(f"{type(dataset).__name__} has no set_epoch(epoch) method.")
+        self.dataset = dataset
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.dataset.set_epoch(engine.state.epoch)
