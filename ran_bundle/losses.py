@@ -8,10 +8,10 @@ Conventions (shared by the whole package):
   (the convention of :class:`monai.networks.blocks.Warp`).
 
 The module has a functional core of plain functions (:func:`box_sum`, :func:`local_ncc`,
-:func:`masked_mse`, :func:`spatial_diffs`, :func:`edge_weights`, :func:`edge_aware_smoothness`,
-:func:`soft_dice`) and thin :class:`torch.nn.modules.loss._Loss` wrappers that keep the
-hyperparameters. The training objective of the paper (Zheng et al., "Residual Aligner Network",
-eq. 13) and of its released code is
+:func:`masked_mse`, :func:`spatial_diffs`, :func:`edge_weights`, :func:`edge_aware_smoothness`)
+and thin :class:`torch.nn.modules.loss._Loss` wrappers that keep the hyperparameters; the label
+overlap term is MONAI's :class:`~monai.losses.DiceLoss`. The training objective of the paper
+(Zheng et al., "Residual Aligner Network", eq. 13) and of its released code is
 
     abdomen CT: 2 * (-NCC, window 8, mask fixed > 0.1) + 0.5 * smooth(code form, s=25, L1)
     lung CT:    2 * MSE(mask fixed > 0.01)             + 0.05 * smooth(code form, s=9, L1)
@@ -26,7 +26,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
+from monai.networks import one_hot
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
@@ -37,7 +38,6 @@ __all__ = [
     "spatial_diffs",
     "edge_weights",
     "edge_aware_smoothness",
-    "soft_dice",
     "LocalNCCLoss",
     "MaskedMSELoss",
     "EdgeAwareSmoothnessLoss",
@@ -109,6 +109,11 @@ def box_sum(x: torch.Tensor, kernel_size: Sequence[int]) -> torch.Tensor:
     return out
 
 
+# Why a local NCC of our own beside MONAI's LocalNormalizedCrossCorrelationLoss: the released RAN code
+# (and so the shipped weights' recipe) uses an even window (8), which MONAI refuses ("kernel_size must be
+# odd"), averages only inside a mask of the fixed image, and pools the channels; MONAI's loss has no mask
+# and averages channel by channel. Where both apply (odd window, no mask, one channel) they agree:
+# tests/test_losses.py::test_local_ncc_equals_monai_lncc_for_odd_windows_without_mask.
 def local_ncc(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -258,29 +263,6 @@ def edge_aware_smoothness(
             t = d.abs() ** p * w
         terms.append(t.mean(dim=tuple(range(1, t.ndim))))
     return torch.stack(terms).mean(0)
-
-
-def soft_dice(pred: torch.Tensor, target: torch.Tensor, include_background: bool = False, eps: float = 1e-5):
-    """Soft Dice per batch item, averaged over channels (labels).
-
-    Args:
-        pred: ``(B, N, *spatial)`` soft one-hot (e.g. warped one-hot moving labels).
-        target: ``(B, N, *spatial)`` one-hot, or ``(B, 1, *spatial)`` integer labels ``0..N-1``.
-        include_background: keep channel 0; always kept when ``N == 1`` (a single binary mask).
-        eps: smoothing of numerator and denominator (an empty label in both gives Dice 1).
-
-    Returns:
-        ``(B,)`` Dice in [0, 1].
-    """
-    n = pred.shape[1]
-    if target.shape[1] == 1 and n > 1:
-        target = F.one_hot(target[:, 0].long(), n).movedim(-1, 1).to(pred.dtype)
-    if n > 1 and not include_background:
-        pred, target = pred[:, 1:], target[:, 1:]
-    dims = tuple(range(2, pred.ndim))
-    inter = (pred * target).sum(dims)
-    denom = pred.sum(dims) + target.sum(dims)
-    return ((2 * inter + eps) / (denom + eps)).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +457,10 @@ class RegistrationLoss(_Loss):
     """Weighted training objective of unsupervised registration (paper eq. 13 plus optional Dice).
 
     ``total = sim_weight * similarity(warped, fixed) + smooth_weight * smoothness(ddf, fixed)
-    + dice_weight * (1 - soft_dice(warped_label, fixed_label))``
+    + dice_weight * DiceLoss(warped_label, fixed_label)``
+
+    with MONAI's :class:`~monai.losses.DiceLoss` (soft Dice of the foreground channels, smoothing 1e-5,
+    averaged over labels and batch items; a ``(B, 1, *spatial)`` integer ``fixed_label`` is made one-hot).
 
     The defaults are the released abdomen CT recipe: ``2 * (-NCC, window 8, mask > 0.1)
     + 0.5 * smooth(code form, p=1, s=25)``, no Dice. ``forward`` returns the scalar total and
@@ -491,7 +476,7 @@ class RegistrationLoss(_Loss):
             ``EdgeAwareSmoothnessLoss(spatial_dims, p=1, edge_weight=25, mode="code")``.
         sim_weight: weight of the similarity term.
         smooth_weight: weight of the smoothness term.
-        dice_weight: weight of ``1 - soft Dice`` of the labels (foreground channels); 0 = off.
+        dice_weight: weight of the Dice loss of the labels (foreground channels); 0 = off.
     """
 
     def __init__(
@@ -519,6 +504,7 @@ class RegistrationLoss(_Loss):
         self.sim_weight = float(sim_weight)
         self.smooth_weight = float(smooth_weight)
         self.dice_weight = float(dice_weight)
+        self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.last_terms: dict[str, float] = {}
 
     def terms(
@@ -533,7 +519,10 @@ class RegistrationLoss(_Loss):
         out = {"similarity": self.similarity(warped, fixed), "smoothness": self.smoothness(ddf, fixed)}
         total = self.sim_weight * out["similarity"] + self.smooth_weight * out["smoothness"]
         if self.dice_weight > 0 and warped_label is not None and fixed_label is not None:
-            out["dice"] = 1.0 - soft_dice(warped_label, fixed_label).mean()
+            n = warped_label.shape[1]
+            if fixed_label.shape[1] == 1 and n > 1:
+                fixed_label = one_hot(fixed_label.long(), n, dtype=warped_label.dtype)
+            out["dice"] = self.dice(warped_label, fixed_label)
             total = total + self.dice_weight * out["dice"]
         out["total"] = total
         return out

@@ -28,6 +28,7 @@ import torch
 from monai.metrics import (
     CumulativeIterationMetric,
     compute_average_surface_distance,
+    compute_dice,
     compute_hausdorff_distance,
 )
 from monai.utils import MetricReduction
@@ -397,8 +398,10 @@ class MeanDiceOverLabels(CumulativeIterationMetric):
     Each call takes integer label maps (e.g. moving labels warped with nearest neighbour, and
     the fixed labels) and appends, per batch item, the mean Dice over the non-zero labels
     present in ``y`` (optionally only ``labels``); a label missing from ``y_pred`` scores 0. An
-    item with no such label gives nan and is skipped by :meth:`aggregate`. Use it through
-    :class:`monai.handlers.IgniteMetricHandler`.
+    item with no such label gives nan and is skipped by :meth:`aggregate`. The Dice values are
+    MONAI's :func:`~monai.metrics.compute_dice`; this class only picks the labels (arbitrary values,
+    e.g. FreeSurfer's, which ``DiceMetric(num_classes=...)`` would have to enumerate one by one) and
+    averages over them. Use it through :class:`monai.handlers.IgniteMetricHandler`.
 
     Args:
         labels: restrict to these label values; ``None``: all non-zero values of ``y``.
@@ -406,6 +409,8 @@ class MeanDiceOverLabels(CumulativeIterationMetric):
             (default ``"mean"``, nan-aware).
         get_not_nans: also return the number of non-nan items from :meth:`aggregate`.
     """
+
+    _LABELS_PER_PASS = 16  # labels one-hot encoded at once
 
     def __init__(
         self,
@@ -427,25 +432,26 @@ class MeanDiceOverLabels(CumulativeIterationMetric):
             y: ``(B, 1, *spatial)`` integer reference labels (same rule).
 
         Returns:
-            ``(B, 1)`` float32 mean Dice per item.
+            ``(B, 1)`` float32 mean Dice per item: MONAI's :func:`~monai.metrics.compute_dice` of the one-hot
+            maps of the labels present in ``y`` (``ignore_empty``: a label absent from an item's ``y`` is nan
+            there), nan-averaged over the labels.
         """
         if y is None:
             raise ValueError("y (the fixed label map) is required.")
-        y_pred = y_pred.argmax(1) if y_pred.shape[1] > 1 else y_pred[:, 0]
-        y = y.argmax(1) if y.shape[1] > 1 else y[:, 0]
+        y_pred = y_pred.argmax(1, keepdim=True) if y_pred.shape[1] > 1 else y_pred
+        y = y.argmax(1, keepdim=True) if y.shape[1] > 1 else y
         y_pred, y = y_pred.round().long(), y.round().long()
-        out = torch.full((y.shape[0], 1), torch.nan, dtype=torch.float32, device=y.device)
-        for b in range(y.shape[0]):
-            present = [int(v) for v in torch.unique(y[b]) if v != 0]
-            if self.labels is not None:
-                present = [v for v in present if v in self.labels]
-            scores = []
-            for lab in present:
-                p, r = y_pred[b] == lab, y[b] == lab
-                scores.append(2.0 * (p & r).sum().item() / (p.sum().item() + r.sum().item()))
-            if scores:
-                out[b, 0] = sum(scores) / len(scores)
-        return out
+        present = [int(v) for v in torch.unique(y) if v != 0]
+        if self.labels is not None:
+            present = [v for v in present if v in self.labels]
+        if not present:
+            return torch.full((y.shape[0], 1), torch.nan, dtype=torch.float32, device=y.device)
+        scores = []
+        for i in range(0, len(present), self._LABELS_PER_PASS):  # bounds the one-hot maps' memory
+            values = torch.as_tensor(present[i : i + self._LABELS_PER_PASS], device=y.device)
+            values = values.view(1, -1, *([1] * (y.ndim - 2)))
+            scores.append(compute_dice(y_pred == values, y == values, include_background=True, ignore_empty=True))
+        return torch.nanmean(torch.cat(scores, 1).float(), dim=1, keepdim=True)
 
     def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Reduce the buffered per-item values (nan-aware); see ``reduction`` and ``get_not_nans``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
 
 from ran_bundle.losses import (
     EdgeAwareSmoothnessLoss,
@@ -14,8 +15,8 @@ from ran_bundle.losses import (
     SyntheticFieldLoss,
     box_sum,
     edge_aware_smoothness,
+    local_ncc,
     similarity_loss,
-    soft_dice,
 )
 
 
@@ -48,6 +49,23 @@ def test_box_sum_matches_direct_sum_even_and_odd_windows():
         i, j, l_ = 3, 2, 2
         ref = x[:, :, i - b : i - b + k, j - b : j - b + k, l_ - b : l_ - b + k].sum((2, 3, 4))
         torch.testing.assert_close(out[:, :, i, j, l_], ref)
+
+
+@pytest.mark.parametrize(("shape", "kernel"), [((2, 1, 12, 10, 11), 5), ((2, 1, 12, 10, 11), 3), ((3, 1, 20, 18), 9)])
+def test_local_ncc_equals_monai_lncc_for_odd_windows_without_mask(shape, kernel):
+    """The package keeps its own local NCC for the released recipe (even window 8, a mask, pooled channels,
+    all refused or missing in MONAI); where MONAI's LNCC applies too (odd window, no mask, one channel) both give
+    the same loss."""
+    fixed, moving = smooth_noise(shape, 0, sigma_pass=0), smooth_noise(shape, 1, sigma_pass=0)  # textured: var >> eps
+    dims = len(shape) - 2
+    ours = LocalNCCLoss(dims, kernel_size=kernel, mask_threshold=None, eps=1e-5)(moving, fixed)
+    monai = LocalNormalizedCrossCorrelationLoss(dims, kernel_size=kernel, kernel_type="rectangular")(moving, fixed)
+    torch.testing.assert_close(ours, monai, rtol=1e-5, atol=1e-6)
+    per_item = -local_ncc(moving, fixed, [kernel] * dims)
+    reference = LocalNormalizedCrossCorrelationLoss(dims, kernel_size=kernel, reduction="none")(moving, fixed)
+    torch.testing.assert_close(per_item, reference.flatten(1).mean(1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        LocalNormalizedCrossCorrelationLoss(dims, kernel_size=8)  # the released window: why ours stays
 
 
 def test_ncc_self_is_minus_one_and_unrelated_is_weaker():
@@ -229,8 +247,8 @@ def test_registration_loss_dice_term():
     labels[..., 2:6, 2:6, 2:6] = 1
     labels[..., 6:10, 6:10, 6:10] = 2
     onehot = F.one_hot(labels[:, 0], 3).movedim(-1, 1).float()
-    assert soft_dice(onehot, labels).item() == pytest.approx(1.0)
     loss_fn = RegistrationLoss(3, similarity="mse", dice_weight=1.0)
+    assert isinstance(loss_fn.dice, DiceLoss) and not loss_fn.dice.include_background
     perfect = loss_fn(fixed, fixed, ddf, onehot, labels)
     assert loss_fn.last_terms["dice"] == pytest.approx(0.0, abs=1e-6)
     assert perfect.item() == pytest.approx(0.0, abs=1e-6)
@@ -240,6 +258,15 @@ def test_registration_loss_dice_term():
     no_dice = RegistrationLoss(3, similarity="mse")
     no_dice(fixed, fixed, ddf, swapped, onehot)
     assert "dice" not in no_dice.last_terms
+    # soft labels against integer labels: MONAI's soft Dice of the foreground channels, mean over labels and items
+    soft = torch.softmax(torch.randn(2, 3, 12, 12, 12, generator=torch.Generator().manual_seed(0)), 1)
+    both = labels.repeat(2, 1, 1, 1, 1)
+    terms = loss_fn.terms(
+        fixed.repeat(2, 1, 1, 1, 1), fixed.repeat(2, 1, 1, 1, 1), ddf.repeat(2, 1, 1, 1, 1), soft, both
+    )
+    target = F.one_hot(both[:, 0], 3).movedim(-1, 1).float()[:, 1:]
+    inter, sizes = (soft[:, 1:] * target).sum((2, 3, 4)), (soft[:, 1:] + target).sum((2, 3, 4))
+    torch.testing.assert_close(terms["dice"], 1 - ((2 * inter + 1e-5) / (sizes + 1e-5)).mean())
 
 
 def test_synthetic_field_loss():

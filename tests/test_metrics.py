@@ -235,3 +235,17 @@ def test_mean_dice_over_labels_metric():
     assert only_two.aggregate().item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="labels"):
         MeanDiceOverLabels(labels=[0, 1])
+
+
+def test_mean_dice_over_labels_is_the_mean_of_the_per_label_dice():
+    """Arbitrary label values (FreeSurfer-like, more than one pass of one-hot maps): the metric is the mean over the
+    labels of each fixed map of :func:`label_metrics`' Dice, which scores a label missing from the prediction 0."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.tensor([0, 2, 3, 17, 41, 1002, 2035] + list(range(100, 120)))
+    y = values[torch.randint(0, len(values), (2, 1, 10, 9, 8), generator=g)]
+    pred = torch.where(torch.rand(y.shape, generator=g) < 0.7, y, values[torch.randint(0, 8, y.shape, generator=g)])
+    pred[pred == 17] = 0  # label 17 is lost by the prediction: Dice 0
+    values = MeanDiceOverLabels()(pred.float(), y)
+    for b in range(2):
+        expected = np.mean([m["dice"] for m in label_metrics(pred[b, 0], y[b, 0]).values()])
+        assert values[b, 0].item() == pytest.approx(expected, rel=1e-6)
