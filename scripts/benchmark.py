@@ -15,12 +15,13 @@ What it measures, for every (model, input size) pair, batch size 1, one image pa
   subprocess over the forward passes (model and input already allocated before the "before" reading);
   on cuda ``torch.cuda.max_memory_allocated`` (model and input included).
 * ``tensors (GiB)``: peak bytes of live tensors tracked in a ``meta``-device pass at the real size
-  (:func:`ran_bundle.profiling.meta_pass`; with ``--amp`` all activations in bfloat16): the memory a GPU's
+  (:func:`scripts.profiling.meta_pass`; with ``--amp`` all activations in bfloat16): the memory a GPU's
   allocator must hold, without cuDNN workspaces; on CPU the measured peak is higher (convolution buffers).
   ``--estimate-only`` reports only these meta-device figures, in seconds at any size.
-* with ``--train``: one optimisation step (forward + backward + Adam step, MSE of the warped moving
-  image to the fixed image + 0.01 x squared finite-difference smoothness of the DDF, warping with
-  :func:`ran_bundle.networks.blocks.warp`), its median time and peak memory, in a separate subprocess.
+* with ``--train``: one optimisation step (the package's training step,
+  :func:`ran_bundle.engines.registration_train_step`: forward + backward + Adam step, with the cheap loss
+  MSE of the warped moving image to the fixed image + 0.01 x squared finite-difference smoothness of the
+  DDF), its median time and peak memory, in a separate subprocess.
 * ratio columns: time and memory of each model divided by those of ``--baseline`` (default
   ``voxelmorph``) at the same size in the same run ("n/a" when the baseline was not run).
 
@@ -68,8 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from ran_bundle.networks.peers import ALL_MODELS, build_model  # noqa: E402
-from ran_bundle.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
+from scripts.peers import ALL_MODELS, build_model  # noqa: E402
+from scripts.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
 
 DEFAULT_SIZES = ("96x80x128",)
 RESULT_TAG = "BENCHMARK_RESULT "

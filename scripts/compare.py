@@ -5,7 +5,7 @@ and intensity factors (:class:`ran_bundle.data.RandomPairDataset` seeded with ``
 Adam with a cosine schedule from ``--lr`` down to 1% of it, batch 1, and the same unsupervised loss
 (:class:`ran_bundle.losses.RegistrationLoss`: ``--sim-weight`` x masked local NCC or MSE + ``--smooth-weight`` x
 edge-aware smoothness). The network's weights are seeded with ``--seed`` too. The models are built by
-:func:`ran_bundle.networks.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
+:func:`scripts.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
 DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
 :func:`ran_bundle.networks.blocks.warp`.
 
@@ -14,7 +14,7 @@ the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms` i
 scored with :func:`ran_bundle.metrics.evaluate_pair` (Dice, HD95 and ASD in mm per label, % of voxels with
 ``det J <= 0`` inside the fixed labels, SDlogJ over the whole grid), for every model and for the identity (no
 registration). Efficiency: parameters, forward GFLOPs at the evaluation size (meta-device count of
-:func:`ran_bundle.profiling.meta_pass`) and the median forward time per pair on ``--device``. No checkpoint
+:func:`scripts.profiling.meta_pass`) and the median forward time per pair on ``--device``. No checkpoint
 selection: each model is scored after its last step, so the evaluation pairs never influence training.
 
 ``--reference PRESET=CKPT`` adds a row for weights trained elsewhere (e.g. ``ref=models/model.pt``, the shipped
@@ -69,9 +69,9 @@ from ran_bundle.fields import spacing_of  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
 from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.networks.peers import ALL_MODELS, build_model, n_params  # noqa: E402
-from ran_bundle.profiling import machine_line, meta_pass  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
+from scripts.peers import ALL_MODELS, build_model, n_params  # noqa: E402
+from scripts.profiling import machine_line, meta_pass  # noqa: E402
 
 DEFAULT_MODELS = ("RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")
 IDENTITY = "identity"

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from ran_bundle.tiny_ct import random_field, warp_volume  # noqa: E402
+from scripts.tiny_ct import random_field, warp_volume  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "totalseg_example_ct" / "ts_example"
 DEFAULT_OUT = REPO / "data" / "tiny_ct"

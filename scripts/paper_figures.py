@@ -17,7 +17,7 @@ model (seed ``--seed``).
 
 The pair has a **known field**: the moving image is a real held-out subject (the moving image of the first
 evaluation pair of the datalist the models were trained on, preprocessed as in training) and the fixed image is
-that subject warped by a smooth random field ``u`` from :func:`ran_bundle.tiny_ct.random_field` (small rigid
+that subject warped by a smooth random field ``u`` from :func:`scripts.tiny_ct.random_field` (small rigid
 motion + Gaussian-smoothed displacement of a few voxels, no folding), so ``fixed(x) = moving(x + u(x))`` and the
 ideal prediction is ``u``. With it, the table also reports, on the fixed labels, the mean end-point error
 ``|phi - u|`` and the share of voxels within ``--tolerance`` voxels of ``u`` (a stricter notion of "correct").
@@ -56,10 +56,10 @@ from ran_bundle import svg  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.engines import prepare_batch  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.networks.peers import build_model  # noqa: E402
 from ran_bundle.theory import preset_theory  # noqa: E402
-from ran_bundle.tiny_ct import random_field, warp_volume  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
+from scripts.peers import build_model  # noqa: E402
+from scripts.tiny_ct import random_field, warp_volume  # noqa: E402
 
 THEORY_PRESETS = ("RAn0", "RAn3", "RAn4", "RAn4+", "ref")
 FIG7_MODELS = ("RAn0", "RAn3", "RAn4+")

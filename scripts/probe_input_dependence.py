@@ -9,7 +9,8 @@ limitations). This probe separates "cannot learn" from "learns late" cheaply, in
   ``--shift`` voxels plus a cubic B-spline field of 4x4 control points with standard deviation
   ``--bend`` voxels), so ``u`` is the true moving -> fixed DDF;
 * training: ``--steps`` Adam steps (``--lr``) on the field MSE, batch ``--batch``, every network from
-  the same seed and the same pairs;
+  the same seed and the same pairs (the package's training step,
+  :func:`ran_bundle.engines.registration_train_step`, with the true field);
 * report every ``--every`` steps, on ``--held`` held-back pairs: the mean end-point error of the
   predicted field (and of the zero field), and the **spread**: the mean distance of each pair's
   predicted field from the mean prediction over the held-back pairs. A network that ignores its input
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import LocalNet
 
+from ran_bundle.engines import registration_train_step
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 from ran_bundle.networks.blocks import warp
 from ran_bundle.synthetic import bspline_field
@@ -79,6 +81,11 @@ def make_network(name: str) -> torch.nn.Module:
     raise ValueError(f"unknown network {name!r}; choose a RAN preset {sorted(PRESETS)} or 'localnet'")
 
 
+def field_mse(warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor, true_ddf: torch.Tensor) -> torch.Tensor:
+    """The probe's loss: the MSE of the predicted field to the true one (the images are not compared)."""
+    return F.mse_loss(ddf, true_ddf)
+
+
 def spread(fields: torch.Tensor) -> float:
     """Mean distance (voxels) of each field ``(N, 2, S, S)`` from their mean field."""
     return (fields - fields.mean(dim=0, keepdim=True)).norm(dim=1).mean().item()
@@ -113,10 +120,7 @@ def probe(name: str, args: argparse.Namespace, slices: torch.Tensor) -> list[dic
         if step == args.steps:
             break
         pairs, fields = random_pairs(slices, args.batch, args.shift, args.bend, train_generator)
-        loss = F.mse_loss(network(pairs), fields)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        registration_train_step(network, optimizer, pairs, field_mse, true_ddf=fields)
     return rows
 
 

@@ -1,6 +1,8 @@
 """Smoke test of ``scripts/benchmark.py``: it runs and prints a well-formed table; its models and meta-device count.
 
-No timing or memory assertions: speed/memory targets live in the benchmark script and its reports.
+No timing or memory assertions: speed/memory targets live in the benchmark script and its reports. The peers and
+the meta-device count live in the bundle's ``scripts`` package (``scripts/peers.py``, ``scripts/profiling.py``),
+imported from the repository root as the scripts import them.
 """
 
 from __future__ import annotations
@@ -9,6 +11,12 @@ import subprocess
 import sys
 
 import pytest
+
+
+@pytest.fixture
+def scripts_on_path(repo_root, monkeypatch):
+    """The repository root on ``sys.path``, where the bundle's ``scripts`` package is found."""
+    monkeypatch.syspath_prepend(str(repo_root))
 
 
 def _table_rows(text: str) -> dict[str, dict[str, str]]:
@@ -41,10 +49,10 @@ def test_benchmark_tiny(repo_root, tmp_path):
     assert round(float(rows["ref"]["params (M)"]) * 1e6) == 738_030
 
 
-def test_peer_models_and_meta_pass():
+def test_peer_models_and_meta_pass(scripts_on_path):
     """Every peer is built by name (an unknown name is refused) and counted on the meta device, at no real cost."""
-    from ran_bundle.networks.peers import ALL_MODELS, build_model, n_params
-    from ran_bundle.profiling import meta_pass
+    from scripts.peers import ALL_MODELS, build_model, n_params
+    from scripts.profiling import meta_pass
 
     assert {"voxelmorph", "localnet", "RAn4+"} <= set(ALL_MODELS)
     with pytest.raises(ValueError, match="unknown model"):
@@ -54,12 +62,12 @@ def test_peer_models_and_meta_pass():
     assert info["train_bytes"] > info["fwd_bytes"] > 0
 
 
-def test_meta_pass_memory_savings_are_counted():
+def test_meta_pass_memory_savings_are_counted(scripts_on_path):
     """The meta-device tensor count sees what activation checkpointing and half precision save, and counts a
     storage shared by several tensors (a ``detach`` alias) once."""
     import torch
 
-    from ran_bundle.profiling import _LiveBytes, meta_pass
+    from scripts.profiling import _LiveBytes, meta_pass
 
     size = (64, 48, 80)
     plain = meta_pass("ref", size, train=True, amp=False)["train_bytes"]

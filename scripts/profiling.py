@@ -1,8 +1,9 @@
 """Cost of a network without running it for real, and the machine line of the reports.
 
 :func:`meta_pass` counts parameters, forward FLOPs and the live tensor bytes of a forward (and a training step) on
-the ``meta`` device, at the real size, without compute or memory; :func:`machine_line` describes the machine.
-Shared by ``scripts/benchmark.py`` and ``scripts/compare.py``.
+the ``meta`` device, at the real size, without compute or memory; :func:`train_step_fn` is the benchmark's training
+step (the package's :func:`ran_bundle.engines.registration_train_step` with a cheap loss); :func:`machine_line`
+describes the machine. Shared by ``scripts/benchmark.py`` and ``scripts/compare.py``.
 """
 
 from __future__ import annotations
@@ -15,45 +16,48 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
-from ran_bundle.networks.peers import build_model, n_params
+from ran_bundle.engines import registration_train_step
 from ran_bundle.tensors import autocast_if
+from scripts.peers import build_model, n_params
 
-__all__ = ["autocast_ctx", "train_step_fn", "meta_pass", "machine_line"]
+__all__ = ["autocast_ctx", "autocast_kwargs", "benchmark_loss", "train_step_fn", "meta_pass", "machine_line"]
 
 
 def autocast_ctx(device: str, amp: bool) -> AbstractContextManager:
     """Mixed precision of the benchmarks when ``amp``: bfloat16 on ``"cpu"``, float16 on ``"cuda"``."""
-    return autocast_if(amp, device, dtype=torch.bfloat16 if device == "cpu" else torch.float16)
+    return autocast_if(amp, device, **autocast_kwargs(device))
+
+
+def autocast_kwargs(device: str) -> dict:
+    """The ``torch.autocast`` arguments of :func:`autocast_ctx`: bfloat16 on ``"cpu"``, float16 on ``"cuda"``."""
+    return {"dtype": torch.bfloat16 if device == "cpu" else torch.float16}
+
+
+def benchmark_loss(warped: torch.Tensor, fixed: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
+    """MSE(warped, fixed) + 0.01 * mean squared forward difference of the DDF summed over the axes (cheap, any size)."""
+    smooth = sum((ddf.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
+    return nn.functional.mse_loss(warped, fixed) + 0.01 * smooth
 
 
 def train_step_fn(
     model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, device: str, amp: bool
 ) -> torch.Tensor:
-    """One forward + backward + Adam step with MSE(warped, fixed) + 0.01 * smoothness(DDF).
+    """One training step with :func:`benchmark_loss`: :func:`ran_bundle.engines.registration_train_step`.
 
     Args:
-        model: called as ``model(x)`` -> DDF ``(B, 3, *S)`` (:func:`ran_bundle.networks.peers.build_model`).
+        model: called as ``model(x)`` -> DDF ``(B, 3, *S)`` (:func:`scripts.peers.build_model`).
         optimizer: the optimiser of ``model``'s parameters.
         x: ``(B, 2, *S)`` moving and fixed images stacked as channels.
         device: ``"cpu"`` or ``"cuda"`` (the autocast type).
-        amp: forward under :func:`autocast_ctx`.
+        amp: forward under :func:`autocast_ctx`'s autocast.
 
     Returns:
         The loss, a detached scalar tensor.
     """
-    from ran_bundle.networks.blocks import warp
-
-    optimizer.zero_grad(set_to_none=True)
-    with autocast_ctx(device, amp):
-        ddf = model(x)
-    ddf = ddf.float()
-    moving, fixed = x[:, :1].float(), x[:, 1:].float()
-    warped = warp(moving, ddf)
-    smooth = sum((ddf.diff(dim=d) ** 2).mean() for d in range(2, ddf.ndim))
-    loss = nn.functional.mse_loss(warped, fixed) + 0.01 * smooth
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    _, loss, _ = registration_train_step(
+        model, optimizer, x, benchmark_loss, amp=amp, amp_kwargs=autocast_kwargs(device), device=device
+    )
+    return loss
 
 
 class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -94,7 +98,7 @@ def meta_pass(name: str, size: tuple[int, int, int], train: bool, amp: bool, che
     """Params, forward FLOPs and estimated peak live bytes (forward, and train step) on the meta device.
 
     Args:
-        name: a model of :data:`ran_bundle.networks.peers.ALL_MODELS`.
+        name: a model of :data:`scripts.peers.ALL_MODELS`.
         size: spatial size ``S`` of the input ``(1, 2, *S)``.
         train: also track a training step (:func:`train_step_fn`).
         amp: mixed precision. Autocast does not act on ``meta`` tensors, so the model and input are cast to

@@ -2,8 +2,9 @@
 
 Every model is called as ``net(x)`` with ``x = (B, 2, *S)`` (moving, fixed stacked as channels) and returns the
 DDF ``(B, 3, *S)`` in voxels. Used by ``scripts/benchmark.py``, ``scripts/compare.py`` and
-``scripts/paper_figures.py``. MONAI and the RAN are imported when a model is built, so that importing this module
-stays cheap (the benchmark's measuring subprocesses).
+``scripts/paper_figures.py``; a bundle config can name :class:`VoxelMorphDDF` as ``scripts.peers.VoxelMorphDDF``
+(``python -m monai.bundle run`` puts the bundle root on ``sys.path``). MONAI and the RAN are imported when a model
+is built, so that importing this module stays cheap (the benchmark's measuring subprocesses).
 """
 
 from __future__ import annotations
