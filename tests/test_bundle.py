@@ -340,21 +340,106 @@ def test_training_starts_from_pretrained_weights_with_one_override(tmp_path):
 # --- config structure and engine unit checks ----------------------------------------------------
 
 
-def test_multi_gpu_override_merges():
+def parsed_config(*files: str, **overrides: Any):
+    """A ``ConfigParser`` of ``files`` merged in order (``configs/...``), this repository as the bundle root."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
-    parser.read_config([str(REPO / TRAIN), str(REPO / "configs/multi_gpu_train.json")])
+    parser.read_config([str(REPO / f) for f in files])
+    parser["bundle_root"] = str(REPO)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def test_multi_gpu_override_merges():
+    parser = parsed_config(TRAIN, "configs/multi_gpu_train.json")
     assert parser["network"]["_target_"] == "torch.nn.parallel.DistributedDataParallel"
     assert parser["train#dataloader#sampler"] == "@train#sampler"
     assert parser["validate#dataloader#sampler"] == "@validate#sampler"
-    # ranks > 0 drop the last two train handlers: they must be the logging ones
-    assert [h["_target_"] for h in parser["train#handlers"][-2:]] == ["StatsHandler", "TensorBoardStatsHandler"]
+    # a small override: train.json's workflow (checks, loaders, handlers) is kept, not copied
+    assert parser["initialize"] == parsed_config(TRAIN)["initialize"] and parser["setup"]
+    # ranks > 0 switch off the logging handlers by name, not by their positions in the list
+    logging = [h for h in parser["train#handlers"] + parser["validate#handlers"] if "StatsHandler" in str(h)]
+    assert len(logging) == 4 and all(h["_disabled_"] == "$not @main_process" for h in logging)
     # everything that does not need a process group still resolves after the merge
     parser.parse()
     assert parser["training"] == parser["run"] and "trainer.run()" in parser["run"][0]
     assert parser.get_parsed_content("loss") is not None
     assert len(parser.get_parsed_content("validate#pairs")) == 2
+
+
+def test_multi_gpu_training_keeps_the_pretrained_weights_and_the_checks(tmp_path):
+    """train.json + multi_gpu_train.json with --pretrained_ckpt (here in one gloo process): the pretrained loader is
+    attached to the trainer and loads the weights into the DDP-wrapped network; a missing file is refused by the
+    workflow's initialize before the trainer is built; ranks > 0 drop the logging handlers."""
+    import torch.distributed as dist
+    from ignite.engine import Events
+    from monai.handlers import CheckpointLoader
+
+    def workflow(**overrides: Any):
+        dirs = {"ckpt_dir": str(tmp_path / "models"), "output_dir": str(tmp_path / "out")}
+        return parsed_config(TRAIN, "configs/multi_gpu_train.json", progress_bar=False, **dirs, **overrides)
+
+    def initialize(parser) -> None:
+        for i in range(len(parser["initialize"])):
+            parser.get_parsed_content(f"initialize#{i}")
+
+    shipped = REPO / "models" / "model.pt"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        parser = workflow(pretrained_ckpt=str(shipped), spatial_size=SPATIAL)
+        initialize(parser)
+        trainer = parser.get_parsed_content("train#trainer")
+        loaders = [h for h in parser.get_parsed_content("train#handlers") if isinstance(h, CheckpointLoader)]
+        assert len(loaders) == 1 and loaders[0].load_path == str(shipped)
+        assert trainer.has_event_handler(loaders[0], Events.STARTED)
+        loaders[0](trainer)
+        weights = parser.get_parsed_content("network").module.state_dict()
+        expected = torch.load(shipped, map_location="cpu", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], v) for k, v in expected.items())
+        assert any("ProgressBar" not in type(h).__name__ for h in parser.get_parsed_content("train#handlers"))
+
+        missing = workflow(pretrained_ckpt=str(tmp_path / "missing.pt"))
+        with pytest.raises(RuntimeError) as error:
+            initialize(missing)
+        assert "missing.pt' not found" in str(error.value.__cause__)
+        assert "train#trainer" not in missing.ref_resolver.resolved_content, "the check must come before any work"
+
+        other_rank = workflow(main_process=False, spatial_size=SPATIAL)
+        names = [
+            type(h).__name__ for k in ("train#handlers", "validate#handlers") for h in other_rank.get_parsed_content(k)
+        ]
+        assert "StatsHandler" not in names and "TensorBoardStatsHandler" not in names
+        assert "ValidationHandler" in names and "CheckpointSaver" in names  # rank 0 alone writes (ignite)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pretrain_is_an_override_of_train():
+    """pretrain.json holds only what pretraining changes; train.json's workflow (resume, pretrained weights, checks,
+    checkpoints) comes with the merge."""
+    raw = json.loads((REPO / "configs" / "pretrain.json").read_text())
+    assert "initialize" not in raw and "train#handlers" not in raw and "network_def" not in raw
+    parser = parsed_config(TRAIN, "configs/pretrain.json")
+    assert parser["initialize"] == parsed_config(TRAIN)["initialize"]
+    assert parser["validate#checkpoint_saver"]["key_metric_negative_sign"] is True
+    assert "pretraining" in parser["train#pretrained_check#hint"]
+    assert type(parser.get_parsed_content("loss")).__name__ == "SyntheticFieldLoss"
+    assert parser.get_parsed_content("ckpt_dir").endswith("runs/pretrain")
+    assert parser.get_parsed_content("validate#evaluator#additional_metrics") is None
+    assert parser["pretraining"] == parser["run"]
+
+
+def test_evaluation_scores_the_organs_by_name():
+    """abdomen_ct.json's organ_labels reach validation and the evaluation workflow's CSV writer by name."""
+    organs = [1, 2, 3, 5, 6, 8, 9, 10, 11]
+    parser = parsed_config(TRAIN, "configs/abdomen_ct.json", EVALUATE)
+    writer = [h for h in parser["validate#handlers"] if h["_target_"].endswith("RegistrationMetricsWriter")]
+    assert writer[0]["labels"] == "@organ_labels"
+    assert parser.get_parsed_content("organ_labels") == organs
+    assert parser.get_parsed_content("validate#key_metric#val_mean_dice#metric_fn").labels == organs
+    assert parsed_config(TRAIN, EVALUATE).get_parsed_content("organ_labels") is None  # every label
 
 
 def test_train_step_raises_on_non_finite_loss():

@@ -3,8 +3,8 @@
 Analytic checks of the rigid and B-spline pieces, reproducibility, label integrity, no folding with the
 defaults; a short pretraining on the real CT of ``data/tiny_ct`` (subject_00, downsampled) that must
 lower the end-point error on held-back fields; and ``python -m monai.bundle run training --config_file
-configs/pretrain.json`` in a subprocess, whose checkpoint must load into the network (directly and
-through ``configs/train.json``).
+"['configs/train.json','configs/pretrain.json']"`` in a subprocess, whose checkpoint must load into the
+network (directly and through ``configs/train.json``).
 """
 
 from __future__ import annotations
@@ -324,8 +324,11 @@ def test_short_pretraining_of_the_ran_from_the_shipped_weights_lowers_the_end_po
 
 
 # ----------------------------------------------------------------------------------------------
-# the bundle: pretrain.json through the MONAI CLI, then train.json from its checkpoint
+# the bundle: pretrain.json (merged over train.json) through the MONAI CLI, then train.json from its checkpoint
 # ----------------------------------------------------------------------------------------------
+PRETRAIN = "['configs/train.json','configs/pretrain.json']"
+
+
 def _run_bundle(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run training *args`` from the repository root, output captured."""
     return subprocess.run(
@@ -351,7 +354,7 @@ def test_pretraining_starts_from_given_weights_with_one_override(tmp_path):
     """``--pretrained_ckpt models/model.pt`` starts the pretraining from the shipped weights: after one step the
     saved model is within one Adam step of them; a missing file is refused before any output is made."""
     shipped = torch.load(REPO / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
-    common = ["--config_file", "configs/pretrain.json", "--bundle_root", str(REPO), "--progress_bar", "False"]
+    common = ["--config_file", PRETRAIN, "--bundle_root", str(REPO), "--progress_bar", "False"]
     common += ["--num_epochs", "1", "--samples_per_epoch", "1", "--val_samples", "1", "--roi_size", "[32,32,16]"]
     _bundle(
         *common,
@@ -385,7 +388,7 @@ def test_pretrain_bundle_writes_a_checkpoint_that_train_json_starts_from(tmp_pat
     small = ["--roi_size", "[32,32,16]", "--progress_bar", "False", "--num_epochs", "1"]
     log = _bundle(
         "--config_file",
-        "configs/pretrain.json",
+        PRETRAIN,
         "--bundle_root",
         str(REPO),
         "--ckpt_dir",
