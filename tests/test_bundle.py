@@ -442,6 +442,32 @@ def test_evaluation_scores_the_organs_by_name():
     assert parsed_config(TRAIN, EVALUATE).get_parsed_content("organ_labels") is None  # every label
 
 
+def test_lung_window_keeps_the_parenchyma_inside_the_similarity_mask(tmp_path):
+    """lung_ct.json's CT window, through its own evaluation preprocessing: air -> 0 (masked out), lung parenchyma
+    (-900..-500 HU) strictly inside (0, 1) and above the MSE mask threshold, with contrast left between its
+    densities and against vessels. The abdomen window [-100, 300] maps all of the parenchyma to 0."""
+    parser = parsed_config(TRAIN, "configs/lung_ct.json", spatial_size=None)
+    assert parser.get_parsed_content("ct_window") == [-1000, 300]
+    threshold = parser.get_parsed_content("loss").similarity.mask_threshold
+    hu = np.full((32, 32, 32), -1000.0, dtype=np.float32)  # air
+    hu[4:28, 4:28, 4:28] = 40.0  # soft tissue
+    hu[8:16, 8:24, 8:24], hu[16:24, 8:24, 8:24] = -900.0, -500.0  # lung parenchyma, two densities
+    hu[11:13, 14:16, 8:24] = 40.0  # a vessel in the lung
+    labels = (hu < -400).astype(np.int16)
+    files = {}
+    for key, data in (("image", hu), ("label", labels)):
+        files[key] = str(tmp_path / f"{key}.nii.gz")
+        nib.save(nib.Nifti1Image(data, np.eye(4)), files[key])
+    pair = {f"{side}_{key}": path for side in ("moving", "fixed") for key, path in files.items()}
+    image = parser.get_parsed_content("validate#preprocessing")(pair)["fixed_image"][0].numpy()
+    air, low, high, vessel = image[0, 0, 0], image[10, 16, 16], image[20, 16, 16], image[12, 15, 16]
+    assert air < threshold
+    assert threshold < low < high < vessel < 1.0 and high - low > 0.2 and vessel - high > 0.3, (low, high, vessel)
+    abdomen = parsed_config(TRAIN, "configs/lung_ct.json", ct_window=[-100, 300], spatial_size=None)
+    image = abdomen.get_parsed_content("validate#preprocessing")(pair)["fixed_image"][0].numpy()
+    assert image[10, 16, 16] == image[20, 16, 16] == 0.0  # why not the abdomen window
+
+
 def test_train_step_raises_on_non_finite_loss():
     from types import SimpleNamespace
 
