@@ -4,18 +4,20 @@ Every model gets the same training: the same datalist, preprocessing (spacing, i
 and intensity factors (:class:`ran_bundle.data.RandomPairDataset` seeded with ``--seed``), number of steps,
 Adam with a cosine schedule from ``--lr`` down to 1% of it, batch 1, and the same unsupervised loss
 (:class:`ran_bundle.losses.RegistrationLoss`: ``--sim-weight`` x masked local NCC or MSE + ``--smooth-weight`` x
-edge-aware smoothness). The network's weights are seeded with ``--seed`` too. The models are built by
-:func:`scripts.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up to its
-DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
+edge-aware smoothness), every step being the package's training step
+(:func:`ran_bundle.engines.registration_train_step`). The network's weights are seeded with ``--seed`` too. The
+models are built by :func:`scripts.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up
+to its DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
 :func:`ran_bundle.networks.blocks.warp`.
 
-Evaluation: the ``test_pairs`` of the datalist (the ``validation_pairs`` when there are none), preprocessed like
-the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms` in ``"eval"`` mode, full images),
-scored with :func:`ran_bundle.metrics.evaluate_pair` (Dice, HD95 and ASD in mm per label, % of voxels with
-``det J <= 0`` inside the fixed labels, SDlogJ over the whole grid), for every model and for the identity (no
-registration). Efficiency: parameters, forward GFLOPs at the evaluation size (meta-device count of
-:func:`scripts.profiling.meta_pass`) and the median forward time per pair on ``--device``. No checkpoint
-selection: each model is scored after its last step, so the evaluation pairs never influence training.
+Evaluation (:mod:`ran_bundle.evaluation`): the ``test_pairs`` of the datalist (the ``validation_pairs`` when
+there are none), preprocessed like the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms`
+in ``"eval"`` mode, full images), scored with :func:`ran_bundle.metrics.evaluate_pair` (Dice, HD95 and ASD in mm
+per label, % of voxels with ``det J <= 0`` inside the fixed labels, SDlogJ over the whole grid), for every model
+and for the identity (no registration). Efficiency: parameters, forward GFLOPs at the evaluation size
+(meta-device count of :func:`scripts.profiling.meta_pass`) and the median forward time per pair on ``--device``.
+No checkpoint selection: each model is scored after its last step, so the evaluation pairs never influence
+training.
 
 ``--reference PRESET=CKPT`` adds a row for weights trained elsewhere (e.g. ``ref=models/model.pt``, the shipped
 bundle weights): they are loaded, not trained, and scored on the same pairs with the same metrics; the row is
@@ -23,7 +25,8 @@ named ``PRESET [CKPT]`` and its training-time cell is empty. The checkpoint is c
 fit the preset) before any training.
 
 Outputs under ``--out`` (default ``docs/results``): ``compare.md`` (settings, machine, training time per model,
-the summary table and the per-label table), ``compare_dice.svg`` (box plots of Dice per label, paper Fig. 6),
+the summary table and the per-label table), ``compare_dice.svg`` (box plots of Dice per label, paper Fig. 6; drawn
+with matplotlib, the ``figures`` extra, and left out with a note when it is not installed),
 ``compare_per_pair.csv`` (every metric of every pair and model). The trained weights go to ``--ckpt-dir``
 (default ``runs/compare``, outside git), ``<model>.pt``, for ``scripts/paper_figures.py``; a reference goes there
 as ``<preset>_<checkpoint name>.pt`` (e.g. ``ref_model.pt``).
@@ -40,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import shlex
 import sys
@@ -61,15 +63,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from ran_bundle import svg  # noqa: E402
 from ran_bundle.checks import check_state_dict_fits, read_state_dict  # noqa: E402
 from ran_bundle.data import RandomPairDataset, load_datalist  # noqa: E402
-from ran_bundle.engines import pair_name, prepare_batch  # noqa: E402
-from ran_bundle.fields import spacing_of  # noqa: E402
+from ran_bundle.engines import NonFiniteLossError, prepare_batch, registration_train_step  # noqa: E402
+from ran_bundle.evaluation import evaluate_model, evaluation_pairs, label_names  # noqa: E402
 from ran_bundle.losses import RegistrationLoss  # noqa: E402
-from ran_bundle.metrics import evaluate_pair, summarise  # noqa: E402
-from ran_bundle.networks.blocks import warp  # noqa: E402
+from ran_bundle.metrics import summarise  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
+from scripts import figures  # noqa: E402
 from scripts.peers import ALL_MODELS, build_model, n_params  # noqa: E402
 from scripts.profiling import machine_line, meta_pass  # noqa: E402
 
@@ -102,31 +103,6 @@ def cache_subjects(
     return out
 
 
-def eval_pairs(pairs: Sequence[dict[str, Any]], spacing: Sequence[float] | None, intensity: str) -> list[dict]:
-    """The evaluation pairs preprocessed once, batched: ``{"name", "moving_image", ..., "spacing"}``."""
-    pre = registration_transforms("eval", spacing=spacing, intensity=intensity, with_labels=True)
-    out = []
-    for pair in pairs:
-        if "moving_label" not in pair:
-            raise ValueError(f"evaluation pair {pair['moving_image']} -> {pair['fixed_image']} has no labels.")
-        batch = list_data_collate([pre(pair)])
-        name = pair_name(pair["moving_image"], pair["fixed_image"])
-        out.append({**batch, "name": name, "spacing": spacing_of(np.asarray(batch["fixed_image"].affine[0]))})
-    return out
-
-
-def label_names(datalist_path: Path, pairs: Sequence[dict], labels: Sequence[int] | None) -> dict[int, str]:
-    """``{value: name}`` of the evaluated labels: ``--labels``, else the datalist's ``"labels"``, else all present."""
-    raw = json.loads(Path(datalist_path).read_text())
-    table = {int(k): str(v) for k, v in (raw.get("labels") or {}).items() if int(k) != 0}
-    if labels:
-        return {int(v): table.get(int(v), str(v)) for v in labels}
-    if table:
-        return table
-    present = sorted({int(v) for p in pairs for v in torch.unique(p["fixed_label"]).tolist() if v != 0})
-    return {v: str(v) for v in present}
-
-
 # -------------------------------------------------------------------------------------------------- training
 def train_model(name: str, dataset: RandomPairDataset, args: argparse.Namespace) -> tuple[torch.nn.Module, dict]:
     """Train ``name`` for ``args.steps`` steps on ``dataset`` (item ``i`` = step ``i``); returns the net and stats."""
@@ -140,18 +116,14 @@ def train_model(name: str, dataset: RandomPairDataset, args: argparse.Namespace)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.steps), eta_min=args.lr * 0.01)
     dataset.set_epoch(0)
     losses = []
-    net.train()
     t0 = time.perf_counter()
     bar = tqdm(range(args.steps), desc=f"train {name}", unit="step", dynamic_ncols=True, disable=args.no_progress)
     for step in bar:
-        inputs, fixed = prepare_batch(list_data_collate([dataset[step]]), device)
-        ddf = net(inputs)
-        loss = loss_fn(warp(inputs[:, :1], ddf), fixed, ddf)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"{name}: non-finite loss at step {step} ({loss_fn.last_terms}); lower --lr.")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        inputs, _ = prepare_batch(list_data_collate([dataset[step]]), device)
+        try:
+            _, loss, _ = registration_train_step(net, opt, inputs, loss_fn, device=device)
+        except NonFiniteLossError as err:
+            raise RuntimeError(f"{name}: non-finite loss at step {step} ({err.terms}); lower --lr.") from None
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -186,38 +158,6 @@ def load_reference(spec: str) -> tuple[str, str, Path, torch.nn.Module]:
     check_state_dict_fits(state, net, str(path), f"the {preset} preset", "pass the preset it was trained with.")
     net.load_state_dict(state)
     return f"{preset} [{ckpt}]", preset, path, net
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-def evaluate_model(net: torch.nn.Module | None, pairs: Sequence[dict], labels: Sequence[int], device: str) -> dict:
-    """Metric rows (:func:`evaluate_pair`) of every pair and the median forward time; ``net=None`` is the identity."""
-    rows, times = [], []
-    if net is not None:
-        net.eval()
-    with torch.no_grad():
-        for k, pair in enumerate(pairs):
-            inputs, _ = prepare_batch(pair, device)
-            moving_label = pair["moving_label"].as_tensor().to(device)
-            if net is None:
-                ddf = torch.zeros(1, 3, *inputs.shape[2:], device=device)
-            else:
-                if k == 0:
-                    net(inputs)  # warm-up, not timed
-                _sync(device)
-                t0 = time.perf_counter()
-                ddf = net(inputs).float()
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            warped_label = warp(moving_label, ddf, mode="nearest")
-            rows += evaluate_pair(
-                warped_label[0, 0].cpu(), pair["fixed_label"][0, 0], ddf[0].cpu(), pair["spacing"], labels, pair["name"]
-            )
-    return {"rows": rows, "time": float(np.median(times)) if times else math.nan}
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------------- reports
@@ -260,13 +200,13 @@ def label_table(results: dict[str, dict], names: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
-def dice_boxes(results: dict[str, dict], names: dict[int, str]) -> str:
-    """SVG box plots of Dice per label (and the per-pair mean), one box per model."""
+def dice_boxes(results: dict[str, dict], names: dict[int, str]):
+    """Box plots of Dice per label (and the per-pair mean), one box per model (a matplotlib figure)."""
     groups: dict[str, dict[str, list[float]]] = {}
     for v, lab in [*names.items(), ("mean", "mean")]:
         groups[lab] = {m: [float(r["dice"]) for r in res["rows"] if r["label"] == v] for m, res in results.items()}
     n_pairs = len(next(iter(groups.values()))[next(iter(results))])
-    return svg.box_plot(groups, ylabel="Dice", title=f"Dice per label over {n_pairs} held-out pairs")
+    return figures.box_plot(groups, ylabel="Dice", title=f"Dice per label over {n_pairs} held-out pairs")
 
 
 def write_csv(results: dict[str, dict], path: Path) -> None:
@@ -318,7 +258,7 @@ def report(args: argparse.Namespace, results: dict[str, dict], names: dict[int, 
         "",
         label_table(results, names),
         "",
-        "![Dice per label](compare_dice.svg)",
+        "![Dice per label](compare_dice.svg)" if info["figure"] else f"(No figure: {figures.INSTALL_HINT}.)",
         "",
     ]
     return "\n".join(lines)
@@ -390,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_datalist(datalist, base_dir=args.base_dir)
     pairs_key = "test_pairs" if data["test_pairs"] else "validation_pairs"
     spacing = None if args.spacing <= 0 else (args.spacing,) * 3
-    pairs = eval_pairs(data[pairs_key], spacing, args.intensity)
+    pairs = evaluation_pairs(data[pairs_key], spacing, args.intensity)
     names = label_names(datalist, pairs, args.labels)
     labels = list(names)
     results: dict[str, dict] = {IDENTITY: evaluate_model(None, pairs, labels, args.device)}
@@ -425,13 +365,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "references": [row for row, *_ in references],
         "eval_size": "x".join(map(str, eval_size)),
         "wall_s": time.perf_counter() - t_start,
+        "figure": figures.available(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(results, args.out / "compare_per_pair.csv")
-    svg.save(dice_boxes(results, names), args.out / "compare_dice.svg")
+    if info["figure"]:
+        figures.save(dice_boxes(results, names), args.out / "compare_dice.svg")
+    else:
+        print(f"compare.py: no compare_dice.svg: {figures.INSTALL_HINT}", file=sys.stderr)
     (args.out / "compare.md").write_text(report(args, results, names, info))
     print(summary_table(results, names))
-    print(f"wrote {args.out / 'compare.md'}, compare_dice.svg, compare_per_pair.csv ({info['wall_s'] / 60:.1f} min)")
+    written = "compare_dice.svg, " if info["figure"] else ""
+    print(f"wrote {args.out / 'compare.md'}, {written}compare_per_pair.csv ({info['wall_s'] / 60:.1f} min)")
     return 0
 
 

@@ -26,7 +26,9 @@ The models are the checkpoints that ``scripts/compare.py`` wrote (``--ckpt-dir``
 paper compares RAn0, RAn3 and RAn4 (we default to the trained RAn0, RAn3, RAn4+).
 
 Outputs under ``--out`` (default ``docs/results``): ``paper_figures.md``, ``fig3c_capture_range.svg``,
-``fig3d_separability.svg`` and, unless ``--theory-only``, ``fig7a_pdf.svg`` and ``fig7b_diff.svg``.
+``fig3d_separability.svg`` and, unless ``--theory-only``, ``fig7a_pdf.svg`` and ``fig7b_diff.svg``. The figures are
+drawn with matplotlib (the ``figures`` extra: ``pip install "ran-bundle[figures]"``) and the script stops with that
+hint when it is missing; it also needs scipy (the known field and the smoothing of the densities).
 
 Usage::
 
@@ -52,12 +54,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from ran_bundle import svg  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.engines import prepare_batch  # noqa: E402
 from ran_bundle.networks.blocks import warp  # noqa: E402
 from ran_bundle.theory import preset_theory  # noqa: E402
 from ran_bundle.transforms import registration_transforms  # noqa: E402
+from scripts import figures  # noqa: E402
 from scripts.peers import build_model  # noqa: E402
 from scripts.tiny_ct import random_field, warp_volume  # noqa: E402
 
@@ -70,13 +72,15 @@ def theory_section(presets: Sequence[str], max_distance: int, out: Path) -> str:
     """Write Fig. 3 (c) and (d) as SVG and return the Markdown table of the presets' theory."""
     theory = {p: preset_theory(p, max_distance) for p in presets}
     levels = {p: (list(range(1, len(t["capture_range"]) + 1)), t["capture_range"]) for p, t in theory.items()}
-    svg.save(
-        svg.line_plot(levels, "RA module k (coarse to fine)", "capture range a_k (voxels)", "Fig. 3(c) capture range"),
+    figures.save(
+        figures.line_plot(
+            levels, "RA module k (coarse to fine)", "capture range a_k (voxels)", "Fig. 3(c) capture range"
+        ),
         out / "fig3c_capture_range.svg",
     )
     curves = {p: (t["distance"], t["separability"]) for p, t in theory.items()}
-    svg.save(
-        svg.line_plot(
+    figures.save(
+        figures.line_plot(
             curves, "distance p (voxels)", "separability Δ(p) (voxels)", "Fig. 3(d) motion separability", step=True
         ),
         out / "fig3d_separability.svg",
@@ -230,11 +234,12 @@ def fig7_section(args: argparse.Namespace, out: Path) -> str:
     for name, (dist, motion) in samples.items():
         dens[name], x_edges, y_edges = pair_density(dist, motion, args.max_distance, max_motion, max_motion / 40)
     labels = ("voxel distance ||x − y||∞", "motion difference ||φ[x] − φ[y]||∞ (voxels)")
-    svg.save(svg.heatmaps(dens, x_edges, y_edges, *labels), out / "fig7a_pdf.svg")
+    figures.save(figures.heatmaps(dens, x_edges, y_edges, *labels, value_label="density"), out / "fig7a_pdf.svg")
     names = list(dens)
     diffs = {f"{b} − {a}": dens[b] - dens[a] for i, a in enumerate(names) for b in names[i + 1 :]}
     if diffs:
-        svg.save(svg.heatmaps(diffs, x_edges, y_edges, *labels, diverging=True), out / "fig7b_diff.svg")
+        fig = figures.heatmaps(diffs, x_edges, y_edges, *labels, diverging=True, value_label="density difference")
+        figures.save(fig, out / "fig7b_diff.svg")
     true_max = float(np.abs(field).max())
     head = ["model", "% organ voxels correct (labels)", "correct pairs sampled", "max ‖φ‖∞ (vox)"]
     head += ["mean EPE ‖φ − u‖∞ in organs (vox)", f"% organ voxels EPE ≤ {args.tolerance}", "% pairs d ≤ 4, Δφ ≥ 1"]
@@ -280,6 +285,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if not figures.available():
+        raise SystemExit(f"paper_figures.py: error: {figures.INSTALL_HINT}")
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     parts = [

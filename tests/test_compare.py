@@ -2,17 +2,19 @@
 
 No accuracy assertions (3 training steps): the tests check that every model is trained, saved and scored on the
 same pairs, that the identity row equals the labels' own overlap, and that the tables and SVG figures are complete.
+The figures need matplotlib (the ``figures`` extra) and ``paper_figures.py`` needs scipy: the tests that make or
+read figures skip without them. The scripts' own functions are imported from the bundle's ``scripts`` package, with
+the repository root on ``sys.path`` as the scripts put it.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import math
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +26,20 @@ from ran_bundle.transforms import registration_transforms
 MODELS = ("ref", "RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")  # RAn4: RAn4+ with fewer channels
 REFERENCE = "ref [models/model.pt]"  # the shipped weights, scored but not trained by the comparison
 SVG_NS = "{http://www.w3.org/2000/svg}"
+NO_FIGURES = "the figures need matplotlib: pip install 'ran-bundle[figures]'"
 
 
-def _script(repo_root: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, repo_root / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def scripts(repo_root, monkeypatch):
+    """``scripts.<name>`` of the bundle, imported with the repository root on ``sys.path``."""
+    monkeypatch.syspath_prepend(str(repo_root))
+    return lambda name: importlib.import_module(f"scripts.{name}")
+
+
+def _svg_texts(path) -> list[str]:
+    root = ET.parse(path).getroot()
+    assert root.tag == f"{SVG_NS}svg"
+    return [t.text for t in root.iter(f"{SVG_NS}text")]
 
 
 def _tables(text: str) -> list[list[dict[str, str]]]:
@@ -110,19 +119,49 @@ def test_compare_writes_every_model_and_the_identity(compare_run, repo_root, tin
 
 
 def test_compare_dice_box_plot(compare_run):
+    pytest.importorskip("matplotlib", reason=NO_FIGURES)
     out, _ = compare_run
-    root = ET.parse(out / "compare_dice.svg").getroot()
-    assert root.tag == f"{SVG_NS}svg"
-    texts = [t.text for t in root.iter(f"{SVG_NS}text")]
+    texts = _svg_texts(out / "compare_dice.svg")
     for name in ("identity", REFERENCE, *MODELS, "spleen", "pancreas", "mean"):
         assert name in texts
-    # one dot per pair, label (10 + mean) and model; one box per label and model
-    assert len(list(root.iter(f"{SVG_NS}circle"))) == 2 * 11 * (len(MODELS) + 2)
-    boxes = [r for r in root.iter(f"{SVG_NS}rect") if r.get("fill-opacity")]
-    assert len(boxes) == 11 * (len(MODELS) + 2)
+    assert "![Dice per label](compare_dice.svg)" in (out / "compare.md").read_text()
+
+
+def test_box_plot_draws_one_box_and_the_dots_per_group_and_series(scripts, tmp_path):
+    pytest.importorskip("matplotlib", reason=NO_FIGURES)
+    figures = scripts("figures")
+    groups = {
+        "spleen": {"identity": [0.5, 0.6], "ref": [0.7, 0.8, 0.9]},
+        "liver": {"identity": [0.4], "ref": [float("nan")]},  # no finite value: no box
+        "mean": {"identity": [0.45, 0.5], "ref": [0.6, 0.65]},
+    }
+    fig = figures.box_plot(groups, ylabel="Dice", title="Dice per label")
+    ax = fig.axes[0]
+    assert len(ax.patches) == 5  # one filled box per (group, series) with values
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["spleen", "liver", "mean"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["identity", "ref"]
+    dots = [line for line in ax.lines if line.get_marker() == "o"]
+    assert sorted(len(line.get_ydata()) for line in dots) == [1, 2, 2, 2, 3]
+    texts = _svg_texts(figures.save(fig, tmp_path / "box.svg"))
+    assert {"Dice per label", "Dice", "spleen", "identity", "ref"} <= set(texts)
+    assert figures.save(fig, tmp_path / "box.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figures_say_how_to_install_matplotlib_when_it_is_missing(scripts, monkeypatch):
+    pytest.importorskip("scipy", reason="scripts/paper_figures.py needs scipy")
+    figures, paper_figures = scripts("figures"), scripts("paper_figures")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert not figures.available()
+    with pytest.raises(ImportError, match=r"ran-bundle\[figures\]"):
+        figures.line_plot({"a": ([0, 1], [0, 1])})
+    with pytest.raises(SystemExit, match=r"ran-bundle\[figures\]"):
+        paper_figures.main(["--theory-only"])
 
 
 def test_paper_figures_on_the_trained_models(compare_run, repo_root):
+    pytest.importorskip("matplotlib", reason=NO_FIGURES)
+    pytest.importorskip("scipy", reason="scripts/paper_figures.py needs scipy")
     out, _ = compare_run
     figs = out / "figures"
     cmd = [sys.executable, str(repo_root / "scripts" / "paper_figures.py"), "--out", str(figs)]
@@ -136,17 +175,18 @@ def test_paper_figures_on_the_trained_models(compare_run, repo_root):
     assert [r["model"] for r in fig7] == ["RAn0", "RAn3", "RAn4+", REFERENCE]
     for row in fig7:
         assert 0 < float(row["% organ voxels correct (labels)"]) <= 100 and int(row["correct pairs sampled"]) > 100
-    for name in ("fig3c_capture_range", "fig3d_separability", "fig7a_pdf", "fig7b_diff"):
-        root = ET.parse(figs / f"{name}.svg").getroot()
-        assert root.tag == f"{SVG_NS}svg" and len(list(root.iter(f"{SVG_NS}rect"))) > 1
+    titles = {name: _svg_texts(figs / f"{name}.svg") for name in ("fig3c_capture_range", "fig3d_separability")}
+    assert "Fig. 3(c) capture range" in titles["fig3c_capture_range"]
+    assert {"Fig. 3(d) motion separability", "RAn0", "ref"} <= set(titles["fig3d_separability"])
     # Fig. 7(a): one heat map panel per model; (b): the three pairwise differences
-    titles = [t.text for t in ET.parse(figs / "fig7b_diff.svg").getroot().iter(f"{SVG_NS}text")]
-    assert {"RAn3 − RAn0", "RAn4+ − RAn0", "RAn4+ − RAn3"} <= set(titles)
+    assert {"RAn0", "RAn3", "RAn4+", REFERENCE} <= set(_svg_texts(figs / "fig7a_pdf.svg"))
+    assert {"RAn3 − RAn0", "RAn4+ − RAn0", "RAn4+ − RAn3"} <= set(_svg_texts(figs / "fig7b_diff.svg"))
 
 
-def test_correct_pairs_distance_and_motion(repo_root):
+def test_correct_pairs_distance_and_motion(scripts):
     """Two correct voxels 3 apart whose predicted motions differ by 2: every sampled pair is (3, 2)."""
-    figures = _script(repo_root, "paper_figures")
+    pytest.importorskip("scipy", reason="scripts/paper_figures.py needs scipy")
+    figures = scripts("paper_figures")
     correct = np.zeros((4, 4, 8), dtype=bool)
     correct[1, 1, 1] = correct[1, 1, 4] = True
     ddf = np.zeros((3, 4, 4, 8))
@@ -170,17 +210,17 @@ def test_correct_pairs_distance_and_motion(repo_root):
         ("RAn0=models/model.pt", "do not fit the RAn0 preset"),
     ],
 )
-def test_compare_refuses_a_bad_reference_before_any_work(repo_root, tmp_path, spec, message):
-    compare = _script(repo_root, "compare")
+def test_compare_refuses_a_bad_reference_before_any_work(scripts, tmp_path, spec, message):
+    compare = scripts("compare")
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match=message) as err:
         compare.main(["--quick", "--reference", spec, "--out", str(out), "--ckpt-dir", str(out / "ckpt")])
     assert str(err.value).startswith("compare.py: error:") and not out.exists()
 
 
-def test_quick_mode_options(repo_root):
+def test_quick_mode_options(scripts, repo_root):
     """--quick picks the toy settings but never writes to docs/results; explicit options win."""
-    compare = _script(repo_root, "compare")
+    compare = scripts("compare")
     args = compare.parse_args(["--quick"])
     assert (args.spacing, args.steps, args.crop, args.intensity) == (6.0, 3, [32, 32, 16], "ct")
     assert args.out == repo_root / "runs" / "compare_quick" and "docs" not in args.ckpt_dir.parts

@@ -2,19 +2,19 @@
 
 The pairs are the validation pairs of ``configs/datalists/brain_mr.json``: OASIS subject B (never a training
 image) to subject A and back, from ``../shared/data`` (``conftest.shared_data``; skipped when absent). They are
-scored by ``scripts/compare.py``'s evaluation: the bundle's evaluation preprocessing at the weights' resolution
-(2 mm, MR percentile scaling) and its metrics, on the grey and white matter labels. The model card's table comes
+scored by :mod:`ran_bundle.evaluation` (what ``scripts/compare.py`` scores with): the bundle's evaluation
+preprocessing at the weights' resolution (2 mm, MR percentile scaling) and its metrics, on the grey and white
+matter labels. The model card's table comes
 from the same preprocessing and metrics through ``configs/evaluate.json``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 from monai.bundle import ConfigParser
 
 from ran_bundle.data import load_datalist
+from ran_bundle.evaluation import evaluate_model, evaluation_pairs
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.synthetic import load_pretrained
 
@@ -28,14 +28,11 @@ def _mean_rows(rows: list[dict]) -> dict[str, dict]:
 
 
 def test_shipped_weights_raise_overlap_on_the_unseen_subject_without_much_folding(repo_root, shared_data):
-    spec = importlib.util.spec_from_file_location("compare", repo_root / "scripts" / "compare.py")
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)  # its evaluation: the bundle's eval preprocessing and metrics
     data = load_datalist(repo_root / "configs" / "datalists" / "brain_mr.json", base_dir=shared_data)
-    pairs = compare.eval_pairs(data["validation_pairs"], (2.0, 2.0, 2.0), "mr")
+    pairs = evaluation_pairs(data["validation_pairs"], (2.0, 2.0, 2.0), "mr")
     net = load_pretrained(ResidualAlignerNetwork(3, "ref"), str(repo_root / "models" / "model.pt"), "cpu")
-    identity = _mean_rows(compare.evaluate_model(None, pairs, [1, 2], "cpu")["rows"])
-    registered = _mean_rows(compare.evaluate_model(net, pairs, [1, 2], "cpu")["rows"])
+    identity = _mean_rows(evaluate_model(None, pairs, [1, 2], "cpu")["rows"])
+    registered = _mean_rows(evaluate_model(net, pairs, [1, 2], "cpu")["rows"])
     assert len(registered) == 2 and registered.keys() == identity.keys()
     gains = [registered[p]["dice"] - identity[p]["dice"] for p in registered]
     assert np.mean(gains) > MIN_DICE_GAIN and min(gains) > 0, gains
