@@ -9,7 +9,10 @@ the problem, before any long work starts. Both front ends use them: the bundle c
 
 from __future__ import annotations
 
+import gzip
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -22,6 +25,7 @@ from ran_bundle.fields import spacing_of
 __all__ = [
     "InputError",
     "Volume",
+    "check_complete_file",
     "load_volume",
     "check_same_grid",
     "check_label_not_empty",
@@ -38,6 +42,112 @@ class InputError(ValueError):
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+
+
+def _gzip_size(path: str) -> int:
+    """Decompress the whole gzip stream of ``path`` (1 MiB at a time) and return its length; raises
+    ``EOFError``/``gzip.BadGzipFile``/``zlib.error`` on a truncated or damaged stream (CRC and length
+    of every member are checked at its end)."""
+    size = 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            size += len(chunk)
+    return size
+
+
+def _nifti_size(path: str) -> int | None:
+    """Bytes a NIfTI file must hold by its header (``vox_offset`` + data bytes); ``None`` when the header
+    holds no data size (a header-only file). Raises what nibabel raises on a bad header."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    proxy = getattr(img, "dataobj", None)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or not hasattr(proxy, "offset"):
+        return None
+    n_voxels = int(np.prod(proxy.shape, dtype=np.int64))
+    return int(proxy.offset) + n_voxels * np.dtype(proxy.dtype).itemsize
+
+
+def _zip_problem(path: str) -> str | None:
+    """``None`` when ``path`` is a complete zip archive whose members match their CRC-32 (members stored
+    without a CRC, as ``torch.serialization.set_crc32_options(False)`` writes them, are skipped), else
+    what is wrong."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError) as e:
+        return f"a zip archive without its end, the central directory: {_first_line(e)}"
+    with archive:
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size:
+                continue  # written without a CRC: nothing to compare with
+            try:
+                with archive.open(info) as member:
+                    while member.read(_CHUNK):  # the CRC-32 is compared at the member's end
+                        pass
+            except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+                return f"zip member {info.filename}: {_first_line(e)}"
+    return None
+
+
+def check_complete_file(path: str | os.PathLike, role: str) -> None:
+    """Refuse a truncated or damaged file before a reader that would not notice reads it: SimpleITK reads a
+    cut-off ``.nii.gz`` without error (the missing voxels become zeros), ``torch.load`` a checkpoint whose
+    tensor bytes are damaged.
+
+    What is checked (other files are left to their readers):
+
+    * gzip files (``.nii.gz``, or any file starting with the gzip magic): the whole stream is decompressed,
+      1 MiB at a time (no large memory); a missing end, broken deflate data or a wrong CRC/length is refused.
+    * NIfTI (``.nii``, ``.nii.gz``): the (decompressed) file must hold ``vox_offset`` + the data bytes the
+      header announces (its shape times its voxel size).
+    * zip archives (PyTorch checkpoints since 1.6): the central directory must be there (it is at the end
+      of the file, so any truncation loses it) and every member must match its CRC-32.
+
+    Args:
+        path: an existing file.
+        role: how messages name the file (``"fixed image"``, ``"field"``, ``"weights"``).
+
+    Raises:
+        InputError: ``"<role> <path>: truncated or corrupt file (<what>)."``, or the file cannot be read.
+    """
+    p = os.fspath(path)
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        file_size = os.path.getsize(p)
+    except OSError as e:
+        raise InputError(f"{role} {p}: cannot read the file ({e.strerror or type(e).__name__}).") from None
+
+    def corrupt(what: str) -> InputError:
+        return InputError(f"{role} {p}: truncated or corrupt file ({what}).")
+
+    if file_size == 0:
+        raise corrupt("empty file")
+    name = p.lower()
+    size = file_size
+    is_gzip = magic.startswith(_GZIP_MAGIC)
+    if is_gzip:
+        try:
+            size = _gzip_size(p)
+        except (EOFError, OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise corrupt(f"gzip stream: {_first_line(e)}") from None
+    elif magic == _ZIP_MAGIC:
+        problem = _zip_problem(p)
+        if problem is not None:
+            raise corrupt(problem)
+    if (name.endswith(".nii") and not is_gzip) or (name.endswith(".nii.gz") and is_gzip):
+        try:
+            expected = _nifti_size(p)
+        except Exception as e:  # noqa: BLE001 - nibabel's many header errors
+            raise corrupt(f"NIfTI header: {_first_line(e)[:200]}") from None
+        if expected is not None and size < expected:
+            unit = "decompressed bytes" if name.endswith(".gz") else "bytes"
+            raise corrupt(f"{size} of the {expected} {unit} its NIfTI header announces")
 
 
 @dataclass
@@ -80,8 +190,8 @@ def load_volume(
         require_contrast: reject a constant image (nothing to register).
 
     Raises:
-        InputError: file missing, unreadable, not 3D, holding NaN/infinite values, or constant
-            (with ``require_contrast``).
+        InputError: file missing, unreadable, truncated or corrupt (:func:`check_complete_file`), not 3D,
+            holding NaN/infinite values, or constant (with ``require_contrast``).
     """
     from monai.transforms import LoadImage
 
@@ -90,6 +200,7 @@ def load_volume(
         raise InputError(f"{role} {p}: file not found.")
     if not os.path.isfile(p):
         raise InputError(f"{role} {p}: not a file.")
+    check_complete_file(p, role)
     try:
         img = LoadImage(image_only=True, dtype=None, reader=reader)(p)
     except Exception as e:  # noqa: BLE001 - any reader failure is a user input problem here
@@ -175,15 +286,20 @@ def read_state_dict(path: str | os.PathLike, key: str = "model") -> dict[str, to
         key: the checkpoint entry holding the weights.
 
     Raises:
-        InputError: file missing or unreadable, or not a state dict.
+        InputError: file missing, unreadable, truncated or corrupt (:func:`check_complete_file`: a zip
+            checkpoint's members are checked against their CRC-32), or not a state dict.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InputError(f"weights {p}: file not found.")
+    check_complete_file(p, "weights")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"weights {p}: cannot read it as a PyTorch checkpoint ({_first_line(e)[:200]}).") from None
+        text = _first_line(e)[:200].rstrip(".")
+        if isinstance(e, EOFError) or "EOF" in text:  # a cut-off legacy (pickle) file
+            raise InputError(f"weights {p}: truncated or corrupt file ({text}).") from None
+        raise InputError(f"weights {p}: cannot read it as a PyTorch checkpoint ({text}).") from None
     state = ckpt.get(key, ckpt) if isinstance(ckpt, Mapping) else ckpt
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(

@@ -179,13 +179,17 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.n
         the ``(4, 4)`` RAS affine of the field's grid (ITK index order = array axis order).
 
     Raises:
-        InputError: file missing, unreadable, or not a 3D field of 3-vectors.
+        InputError: file missing, unreadable, truncated or corrupt (SimpleITK would read a cut-off ``.nii.gz``
+            silently, :func:`~ran_bundle.checks.check_complete_file`), or not a 3D field of 3-vectors.
     """
     import SimpleITK as sitk
+
+    from ran_bundle.checks import check_complete_file
 
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InputError(f"field {p}: file not found.")
+    check_complete_file(p, "field")
     try:
         img = sitk.ReadImage(p)
     except RuntimeError as e:
