@@ -1,202 +1,207 @@
 """Command-line entry points ``ran-register`` and ``ran-warp`` (``python -m ran_bundle [register|warp]``).
 
-Thin `fire <https://github.com/google/python-fire>`_ wrappers over :mod:`ran_bundle.register`:
-they configure logging to stderr, turn :class:`~ran_bundle.register.InputError` into a one-line
-message and exit status 2, and accept ``--spacing 2 2 2`` (three separate numbers) as well as
-``--spacing 2,2,2``, ``--spacing 2`` and ``--spacing none``. See ``docs/register.md``.
+``argparse`` front ends over :class:`ran_bundle.pipeline.RegistrationPipeline` and :mod:`ran_bundle.apply`.
+Every argument is checked before any work, and so are the input files, the weights and the output folder:
+a problem gives ONE line on stderr (``ran-register: error: ...``) and exit status 2. Ctrl-C gives one line
+and exit status 130; nothing half-written is left behind. Progress goes to stderr (``--quiet`` keeps only
+warnings). See ``docs/register.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import re
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
-__all__ = ["register", "warp", "register_main", "warp_main", "main"]
+__all__ = ["register_parser", "warp_parser", "register_main", "warp_main", "main"]
 
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_LOGGERS = ("ran_bundle",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (with a pointer to ``--help``) and exit status 2."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)  # a misspelt flag is an error, never a guess
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _setup_logging(name: str, quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[{name}] %(message)s"))
-    log = logging.getLogger("ran_bundle.register")
-    log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
+    for logger_name in _LOGGERS:
+        log = logging.getLogger(logger_name)
+        log.handlers[:] = [handler]
+        log.setLevel(logging.WARNING if quiet else logging.INFO)
+        log.propagate = False
 
 
-def _fail(name: str, error: Exception) -> None:
-    message = " ".join(str(error).split())
-    print(f"{name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(name: str, message: str, status: int = 2) -> NoReturn:
+    print(f"{name}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
 
 
-def register(
-    fixed: str,
-    moving: str,
-    out: str,
-    moving_label: str | None = None,
-    fixed_label: str | None = None,
-    weights: str | None = None,
-    preset: str = "ref",
-    device: str | None = None,
-    amp: bool = False,
-    spacing: str | float | Sequence[float] | None = "2",
-    intensity: str = "mr",
-    io_steps: int = 0,
-    io_lr: float = 1e-3,
-    inverse: bool = False,
-    png: bool = False,
-    quiet: bool = False,
-) -> None:
-    """Register a moving 3D image to a fixed one with the Residual Aligner Network.
+def register_parser() -> argparse.ArgumentParser:
+    """The ``ran-register`` argument parser."""
+    p = _Parser(
+        prog="ran-register",
+        description=(
+            "Register a moving 3D image to a fixed one: affine stage (SimpleITK), Residual Aligner Network, "
+            "instance optimisation of the field. Writes into OUT, on the fixed image's grid: warped.nii.gz, "
+            "ddf.nii.gz (ONE ITK displacement field holding the whole mapping, affine included: it maps a "
+            "FIXED-space point p to the MOVING-space point p + w(p), so warped(p) = moving(p + w(p)); "
+            "sitk.DisplacementFieldTransform, antsApplyTransforms -t ddf.nii.gz and Slicer apply it alone), "
+            "affine.tfm (the affine stage alone, ITK transform), jacobian.nii.gz, report.json; with "
+            "--moving-label warped_label.nii.gz, with --inverse inverse_ddf.nii.gz (on the moving grid, "
+            "moving -> fixed points), with --png overview.png. To map fixed-space landmarks to moving space: "
+            "ran-warp --field OUT/ddf.nii.gz --points in.csv --out out.csv."
+        ),
+    )
+    p.add_argument("--fixed", required=True, help="fixed (reference) image; the outputs live on its grid")
+    p.add_argument("--moving", required=True, help="moving image, registered onto the fixed one")
+    p.add_argument("--out", required=True, help="output folder (created; only this run's outputs remain in it)")
+    p.add_argument("--moving-label", help="label map of the moving image (its grid), warped by nearest neighbour")
+    p.add_argument("--fixed-label", help="label map of the fixed image; with --moving-label the report gives Dice")
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage (default)")
+    p.add_argument("--initial-transform", help="ITK transform file (fixed -> moving points) to start the affine from")
+    p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
+    p.add_argument(
+        "--io-iterations",
+        nargs=2,
+        type=int,
+        default=(30, 40),
+        metavar=("HALF", "FULL"),
+        help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
+    )
+    p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune a copy of the network first (GPU option)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="its Adam learning rate")
+    p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
+    p.add_argument("--preset", default="ref", help="RAN preset of the weights (default ref)")
+    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
+    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="mixed precision for the network")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, all cores)")
+    p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
+    p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
+    return p
 
-    Writes into OUT, on the fixed image's grid (shape and affine): warped.nii.gz (moving image,
-    original intensities), warped_label.nii.gz (with --moving-label, nearest neighbour), ddf.nii.gz,
-    jacobian.nii.gz (det of the Jacobian), report.json (timings, folding, Dice before/after when both
-    labels are given), and with --inverse inverse_ddf.nii.gz (on the moving grid), with --png overview.png.
-    OUT is filled atomically: a failed run leaves nothing behind.
 
-    Direction: ddf.nii.gz is an ITK displacement field (vectors in mm, LPS frame) that maps a
-    FIXED-space point p to the MOVING-space point p + v(p): warped(p) = moving(p + v(p)). Use it as is
-    with sitk.DisplacementFieldTransform, antsApplyTransforms -t ddf.nii.gz, or Slicer. To map
-    fixed-space landmarks to moving space: ran-warp --field ddf.nii.gz --points in.csv --out out.csv.
-    inverse_ddf.nii.gz maps moving-space points to fixed space.
+def warp_parser() -> argparse.ArgumentParser:
+    """The ``ran-warp`` argument parser."""
+    p = _Parser(
+        prog="ran-warp",
+        description=(
+            "Apply a displacement field written by ran-register (ddf.nii.gz or inverse_ddf.nii.gz) to an image, "
+            "a label map or points. Images: out(p) = image(p + v(p)) on the field's grid (the fixed grid for "
+            "ddf.nii.gz). Points: p -> p + v(p); ddf.nii.gz maps FIXED-space points to MOVING space (the image "
+            "warp carries moving content into fixed space; the field maps points the other way), "
+            "inverse_ddf.nii.gz maps moving-space points to fixed space. Points outside the field's grid are "
+            "left unmoved (as ITK does), with a warning."
+        ),
+    )
+    p.add_argument("--field", required=True, help="displacement field file (ITK convention)")
+    p.add_argument("--out", required=True, help="output image (.nii/.nii.gz) or, with --points, CSV file")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="image or label map to warp")
+    source.add_argument("--points", help="CSV file of points with a header holding x, y, z (mm)")
+    p.add_argument("--label", action="store_true", help="the image is a label map: nearest neighbour")
+    p.add_argument("--frame", choices=("lps", "ras"), default="lps", help="world frame of the points (default lps)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    return p
 
-    Args:
-        fixed: fixed (reference) image file; the outputs live on its grid.
-        moving: moving image file, registered onto the fixed one.
-        out: output folder (created; files of the same names are replaced).
-        moving_label: label map of the moving image (its grid), warped with nearest neighbour.
-        fixed_label: label map of the fixed image (its grid); with --moving-label gives Dice before/after.
-        weights: checkpoint (a bundle checkpoint with a "model" entry, or a state dict); default: the
-            bundle's models/model.pt (brain MR, trained at 2 mm with --intensity mr).
-        preset: RAN preset of the weights (ref, RAn0, RAn3, RAn4, RAn4+).
-        device: cpu, cuda or cuda:N; default: cuda when available.
-        amp: mixed precision.
-        spacing: resampling before the network in mm: three numbers (--spacing 2 2 2), one (isotropic) or
-            none (keep the grids); use the spacing the weights were trained at.
-        intensity: intensity scaling as at training: ct (window -100..300 HU), mr (percentiles 0.5-99.5), none.
-        io_steps: instance optimisation: fine-tune a copy of the network on this pair for N Adam steps of the
-            training loss before predicting (0 = off).
-        io_lr: learning rate of the instance optimisation.
-        inverse: also write inverse_ddf.nii.gz (the backward field).
-        png: also write overview.png (rows: fixed, moving, warped, checkerboard, deformation grid).
-        quiet: only warnings and errors on stderr.
-    """
-    from ran_bundle.register import InputError, register_files
 
-    _setup_logging("ran-register", quiet)
-    arguments = {k: v for k, v in locals().items() if k not in ("InputError", "register_files")}
+def _register(args: argparse.Namespace) -> None:
+    import torch
+
+    from ran_bundle.checks import InputError
+    from ran_bundle.outputs import OutputFolder, write_json
+    from ran_bundle.pipeline import RegistrationPipeline
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads {args.threads}: expected a positive integer.")
+        torch.set_num_threads(args.threads)
+    if args.png:
+        from ran_bundle.figures import require_matplotlib
+
+        require_matplotlib()
+    folder = OutputFolder(args.out, tool="ran-register")
+    folder.acquire()  # refuses an unwritable or busy folder before any work
     try:
-        register_files(
-            fixed=str(fixed),
-            moving=str(moving),
-            out=str(out),
-            moving_label=None if moving_label is None else str(moving_label),
-            fixed_label=None if fixed_label is None else str(fixed_label),
-            weights=None if weights is None else str(weights),
-            preset=str(preset),
-            device=None if device is None else str(device),
-            amp=bool(amp),
-            spacing=spacing,
-            intensity=str(intensity),
-            io_steps=io_steps,
-            io_lr=io_lr,
-            inverse=bool(inverse),
-            png=bool(png),
-            progress=not quiet,
-            arguments=arguments,
+        pipeline = RegistrationPipeline(
+            weights=args.weights,
+            preset=args.preset,
+            device=args.device,
+            amp=args.amp,
+            spacing=" ".join(args.spacing),
+            intensity=args.intensity,
+            affine=args.affine,
+            initial_transform=args.initial_transform,
+            io_iterations=(0, 0) if args.no_io else tuple(args.io_iterations),
+            io_weight=args.io_weight,
+            finetune_steps=args.finetune_steps,
+            finetune_lr=args.finetune_lr,
+            inverse=args.inverse,
+            progress=not args.quiet,
         )
-    except InputError as e:
-        _fail("ran-register", e)
+        registration = pipeline.register(args.fixed, args.moving, args.fixed_label, args.moving_label)
+        with folder.stage() as staging:
+            outputs = pipeline.write(registration, staging, png=args.png)
+            report = pipeline.report(registration, outputs, vars(args))
+            write_json(staging / outputs["report"], report)
+    finally:
+        folder.release()
+    dice = registration.stats.get("dice")
+    if dice:
+        logging.getLogger("ran_bundle").info(
+            "mean Dice (labels of >= 100 voxels): %.4f affine only, %.4f registered",
+            dice["mean_affine_100"],
+            dice["mean_registered_100"],
+        )
+    logging.getLogger("ran_bundle").info("done in %.1f s: %s", sum(pipeline.timings.values()), args.out)
 
 
-def warp(
-    field: str,
-    out: str,
-    image: str | None = None,
-    points: str | None = None,
-    label: bool = False,
-    frame: str = "lps",
-    quiet: bool = False,
-) -> None:
-    """Apply a displacement field written by ran-register to an image, a label map or points.
+def _warp(args: argparse.Namespace) -> None:
+    from ran_bundle.apply import warp_image_file, warp_points_file
 
-    Images: ran-warp --field ddf.nii.gz --image img.nii.gz --out warped.nii.gz [--label]
-    gives out(p) = img(p + v(p)) on the field's grid (the fixed grid for ddf.nii.gz); trilinear, or
-    nearest neighbour with --label for label maps.
+    log = logging.getLogger("ran_bundle")
+    if args.points is not None:
+        path, outside = warp_points_file(args.field, args.points, args.out, frame=args.frame)
+        if outside:
+            log.warning("warning: %d point(s) outside the field's grid were left unmoved", outside)
+    else:
+        path = warp_image_file(args.field, args.image, args.out, label=args.label)
+    log.info("wrote %s", path)
 
-    Points: ran-warp --field ddf.nii.gz --points in.csv --out out.csv [--frame lps|ras]
-    maps each point p to p + v(p). ddf.nii.gz maps FIXED-space points to MOVING space (the image warp
-    carries moving-image content into fixed space; the field maps points the other way), so landmarks
-    placed on the fixed image go to the moving image; inverse_ddf.nii.gz maps moving-space points to
-    fixed space. The CSV needs a header with columns x, y, z in mm (other columns are copied); --frame says
-    which world frame they use: lps (ITK, ANTs, Slicer files; default) or ras (nibabel, MONAI).
-    Points outside the field's grid are left unmoved (as ITK does) with a warning.
 
-    Args:
-        field: displacement field file (ITK convention, e.g. ddf.nii.gz or inverse_ddf.nii.gz).
-        out: output image (.nii/.nii.gz) or, with --points, output CSV.
-        image: image or label map to warp.
-        points: CSV file of points (header x,y,z) to map instead of an image.
-        label: the image is a label map: nearest-neighbour interpolation, integer type kept.
-        frame: world frame of the point coordinates: lps or ras.
-        quiet: no progress messages.
-    """
-    from ran_bundle.register import InputError, warp_image_file, warp_points_file
+def _run(name: str, parser: argparse.ArgumentParser, command, argv: Sequence[str] | None) -> None:
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    _setup_logging(name, args.quiet)
+    from ran_bundle.checks import InputError
 
-    _setup_logging("ran-warp", quiet)
-    log = logging.getLogger("ran_bundle.register")
     try:
-        if (image is None) == (points is None):
-            raise InputError("give exactly one of --image and --points.")
-        if points is not None:
-            path, outside = warp_points_file(str(field), str(points), str(out), frame=str(frame))
-            if outside:
-                log.warning("warning: %d point(s) outside the field's grid were left unmoved", outside)
-        else:
-            path = warp_image_file(str(field), str(image), str(out), label=bool(label))
-        log.info("wrote %s", path)
+        command(args)
     except InputError as e:
-        _fail("ran-warp", e)
-
-
-def _join_spacing(argv: list[str]) -> list[str]:
-    """``--spacing 2 2 2`` -> ``--spacing=2,2,2`` (fire reads one value per flag)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--spacing":
-            values = []
-            j = i + 1
-            while j < len(argv) and len(values) < 3 and _NUMBER.match(argv[j]):
-                values.append(argv[j])
-                j += 1
-            if len(values) > 1:
-                out.append("--spacing=" + ",".join(values))
-                i = j
-                continue
-        out.append(arg)
-        i += 1
-    return out
+        _fail(name, str(e))
+    except KeyboardInterrupt:
+        _fail(name, "interrupted; nothing was written", status=130)
 
 
 def register_main(argv: Sequence[str] | None = None) -> None:
     """Console script ``ran-register``."""
-    import fire
-
-    args = _join_spacing(list(sys.argv[1:] if argv is None else argv))
-    fire.Fire(register, command=args, name="ran-register")
+    _run("ran-register", register_parser(), _register, argv)
 
 
 def warp_main(argv: Sequence[str] | None = None) -> None:
     """Console script ``ran-warp``."""
-    import fire
-
-    fire.Fire(warp, command=list(sys.argv[1:] if argv is None else argv), name="ran-warp")
+    _run("ran-warp", warp_parser(), _warp, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -256,7 +256,9 @@ def write_displacement_nifti(
     if not str(path).endswith((".nii", ".nii.gz")):
         raise ValueError(f"displacement field path must end with .nii or .nii.gz: {path}")
     img = to_itk_displacement(ddf_voxel, affine, moving_affine=moving_affine, dtype=dtype)
-    return atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, useCompression=str(path).endswith(".gz")))
+    return atomic_write(
+        path, lambda tmp: sitk.WriteImage(img, tmp, str(path).endswith(".gz"), 1)
+    )  # gzip level 1: fields compress poorly
 
 
 def write_image_atomic(

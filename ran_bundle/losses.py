@@ -31,6 +31,8 @@ from monai.networks import one_hot
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from ran_bundle.metrics import jacobian_determinant_differentiable
+
 __all__ = [
     "box_sum",
     "local_ncc",
@@ -42,6 +44,7 @@ __all__ = [
     "MaskedMSELoss",
     "EdgeAwareSmoothnessLoss",
     "similarity_loss",
+    "folding_penalty",
     "RegistrationLoss",
     "SyntheticFieldLoss",
 ]
@@ -453,11 +456,18 @@ def similarity_loss(name: str, spatial_dims: int = 3, **kwargs) -> _Loss:
     raise ValueError(f"name must be one of 'ncc', 'lncc', 'mse', got {name!r}.")
 
 
+def folding_penalty(ddf: torch.Tensor) -> torch.Tensor:
+    """Mean of ``relu(-det(I + grad u))`` over the voxels and batch of a ``(B, d, *spatial)`` voxel DDF: zero for a
+    field that folds nowhere, growing with how much and where it folds (the determinant of
+    :func:`ran_bundle.metrics.jacobian_determinant_differentiable`, central differences)."""
+    return torch.relu(-jacobian_determinant_differentiable(ddf)).mean()
+
+
 class RegistrationLoss(_Loss):
     """Weighted training objective of unsupervised registration (paper eq. 13 plus optional Dice).
 
     ``total = sim_weight * similarity(warped, fixed) + smooth_weight * smoothness(ddf, fixed)
-    + dice_weight * DiceLoss(warped_label, fixed_label)``
+    + dice_weight * DiceLoss(warped_label, fixed_label) + fold_weight * folding_penalty(ddf)``
 
     with MONAI's :class:`~monai.losses.DiceLoss` (soft Dice of the foreground channels, smoothing 1e-5,
     averaged over labels and batch items; a ``(B, 1, *spatial)`` integer ``fixed_label`` is made one-hot).
@@ -477,6 +487,8 @@ class RegistrationLoss(_Loss):
         sim_weight: weight of the similarity term.
         smooth_weight: weight of the smoothness term.
         dice_weight: weight of the Dice loss of the labels (foreground channels); 0 = off.
+        fold_weight: weight of :func:`folding_penalty` (not in the paper; it removes the folding that a Dice
+            term drives the network to); 0 = off.
     """
 
     def __init__(
@@ -487,9 +499,15 @@ class RegistrationLoss(_Loss):
         sim_weight: float = 2.0,
         smooth_weight: float = 0.5,
         dice_weight: float = 0.0,
+        fold_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        weights = {"sim_weight": sim_weight, "smooth_weight": smooth_weight, "dice_weight": dice_weight}
+        weights = {
+            "sim_weight": sim_weight,
+            "smooth_weight": smooth_weight,
+            "dice_weight": dice_weight,
+            "fold_weight": fold_weight,
+        }
         for arg, value in weights.items():
             if value < 0:
                 raise ValueError(f"{arg} must be non-negative, got {value}.")
@@ -504,6 +522,7 @@ class RegistrationLoss(_Loss):
         self.sim_weight = float(sim_weight)
         self.smooth_weight = float(smooth_weight)
         self.dice_weight = float(dice_weight)
+        self.fold_weight = float(fold_weight)
         self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.last_terms: dict[str, float] = {}
 
@@ -524,6 +543,9 @@ class RegistrationLoss(_Loss):
                 fixed_label = one_hot(fixed_label.long(), n, dtype=warped_label.dtype)
             out["dice"] = self.dice(warped_label, fixed_label)
             total = total + self.dice_weight * out["dice"]
+        if self.fold_weight > 0:
+            out["folding"] = folding_penalty(ddf)
+            total = total + self.fold_weight * out["folding"]
         out["total"] = total
         return out
 
@@ -551,7 +573,10 @@ class RegistrationLoss(_Loss):
         return out["total"]
 
     def extra_repr(self) -> str:
-        return f"sim_weight={self.sim_weight}, smooth_weight={self.smooth_weight}, dice_weight={self.dice_weight}"
+        return (
+            f"sim_weight={self.sim_weight}, smooth_weight={self.smooth_weight}, dice_weight={self.dice_weight}, "
+            f"fold_weight={self.fold_weight}"
+        )
 
 
 class SyntheticFieldLoss(_Loss):

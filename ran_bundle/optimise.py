@@ -1,0 +1,244 @@
+"""Instance optimisation: refine a displacement field for one pair, starting from the network's.
+
+The network gives a good start in one forward pass; a few seconds of optimising the field itself (not the
+network) for this pair then polish it, as in Learn2Reg's leading methods (e.g. ConvexAdam's Adam stage).
+The unknown is a residual displacement ``r`` on the network's grid (voxels), smoothed by two passes of a
+3x3x3 box filter before use, so that the field stays smooth without many regulariser iterations:
+
+``u = u_net + smooth(r)``, minimising ``-NCC_w(moving o (id + u), fixed) + weight * diffusion(u)``
+
+with the squared local NCC of the package (:func:`ran_bundle.losses.local_ncc`, window ``w``, masked to
+the fixed image's foreground) and the diffusion regulariser ``mean |grad u|^2`` on the whole field, by Adam.
+Optionally a coarser level first (images and residual at half resolution, then upsampled). Fine-tuning the
+network's weights on the pair instead is :func:`finetune_network` (slow on a CPU, an option for GPUs).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc
+from ran_bundle.networks.blocks import warp
+from ran_bundle.spatial import foreground_mask
+from ran_bundle.tensors import autocast_if
+
+__all__ = ["OptimisationResult", "diffusion", "optimise_field", "finetune_network"]
+
+
+@dataclass
+class OptimisationResult:
+    """What :func:`optimise_field` returns.
+
+    Attributes:
+        ddf: ``(1, d, *S)`` refined displacement (voxels of the input grid).
+        losses: the loss after each iteration, all levels in order.
+        iterations: iterations run per level (coarse to fine).
+        seconds: wall time.
+    """
+
+    ddf: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def diffusion(ddf: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser ``mean over axes of mean (forward difference of u)^2`` of ``(B, d, *S)``."""
+    terms = [ddf.diff(dim=axis).square().mean() for axis in range(2, ddf.ndim)]
+    return torch.stack(terms).mean()
+
+
+def exponentiate(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Displacement ``(B, d, *S)`` of the exponential of a stationary velocity field (voxels), by scaling and
+    squaring: ``u <- v / 2**steps``, then ``steps`` times ``u <- u + u o (id + u)``. The result is the
+    displacement of a diffeomorphism when the scaled velocity is small."""
+    u = velocity / 2**steps
+    for _ in range(steps):
+        u = u + warp(u, u, padding_mode="border")
+    return u
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """Two passes of a 3x3x3 box filter (zero padding at the border folds the residual to 0 there)."""
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    for _ in range(2):
+        x = pool(x, 3, stride=1, padding=1, count_include_pad=True)
+    return x
+
+
+def _compose(start: torch.Tensor, update: torch.Tensor, svf: bool) -> torch.Tensor:
+    """The refined displacement: ``start + update``, or with ``svf`` the start composed after the
+    diffeomorphic update ``w = exp(update)``: ``w + start o (id + w)``."""
+    if not svf:
+        return start + update
+    w = exponentiate(update)
+    return w + warp(start, w, padding_mode="border")
+
+
+def _downsample(x: torch.Tensor) -> torch.Tensor:
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    return pool(x, 2, stride=2, ceil_mode=True)
+
+
+def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    mode = "trilinear" if x.ndim == 5 else "bilinear"
+    return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=True)
+
+
+def _level(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    start: torch.Tensor,
+    residual: torch.Tensor,
+    iterations: int,
+    lr: float,
+    window: int,
+    weight: float,
+    losses: list[float],
+    bar,
+    fold_weight: float = 0.0,
+    svf: bool = False,
+) -> torch.Tensor:
+    residual = residual.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([residual], lr=lr)
+    mask = foreground_mask(fixed)
+    kernel = [window] * (fixed.ndim - 2)
+    for _ in range(iterations):
+        optimiser.zero_grad(set_to_none=True)
+        ddf = _compose(start, _smooth(residual), svf)
+        similarity = local_ncc(warp(moving, ddf), fixed, kernel, mask).mean()
+        loss = -similarity + weight * diffusion(ddf)
+        if fold_weight:
+            loss = loss + fold_weight * folding_penalty(ddf)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(ncc=f"{float(similarity.detach()):.4f}")
+    return residual.detach()
+
+
+def optimise_field(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    ddf: torch.Tensor,
+    iterations: Sequence[int] = (0, 60),
+    lr: float = 0.2,
+    window: int = 5,
+    weight: float = 1.0,
+    fold_weight: float = 0.0,
+    svf: bool = False,
+    progress: bool = True,
+) -> OptimisationResult:
+    """Refine ``ddf`` for this pair (instance optimisation of the field, not of the network).
+
+    Args:
+        moving: ``(1, 1, *S)`` preprocessed moving image on the network grid.
+        fixed: ``(1, 1, *S)`` preprocessed fixed image on the same grid.
+        ddf: ``(1, d, *S)`` start (the network's DDF, voxels; zeros for none).
+        iterations: Adam iterations per level, coarse to fine: ``(n_half, n_full)`` runs ``n_half`` at half
+            resolution first; ``(n,)`` runs only the full resolution.
+        lr: Adam learning rate (voxels of the level's grid).
+        window: local NCC window (voxels of the level's grid).
+        weight: weight of the diffusion regulariser.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        :class:`OptimisationResult`.
+
+    Raises:
+        ValueError: shapes that do not match, or no iterations.
+    """
+    from tqdm import tqdm
+
+    if moving.shape != fixed.shape or ddf.shape[2:] != fixed.shape[2:] or ddf.shape[1] != fixed.ndim - 2:
+        raise ValueError(
+            f"optimise_field: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)} and ddf {tuple(ddf.shape)} "
+            "must share one grid."
+        )
+    iterations = [int(n) for n in iterations]
+    if not iterations or any(n < 0 for n in iterations) or len(iterations) > 2:
+        raise ValueError(f"iterations must be one or two non-negative counts (coarse, fine), got {iterations}.")
+    start_time = time.perf_counter()
+    moving, fixed, start = moving.float(), fixed.float(), ddf.float().detach()
+    losses: list[float] = []
+    residual = torch.zeros_like(start)
+    bar = tqdm(total=sum(iterations), desc="instance optimisation", file=sys.stderr, disable=not progress)
+    with torch.enable_grad():
+        if len(iterations) == 2 and iterations[0] > 0:
+            m2, f2 = _downsample(moving), _downsample(fixed)
+            start2 = _resize(start, f2.shape[2:]) * 0.5
+            coarse = _level(
+                m2, f2, start2, torch.zeros_like(start2), iterations[0], lr, window, weight, losses, bar, fold_weight
+            )
+            # the smoothed coarse residual, in fine voxels, becomes part of the fine level's start
+            start = _compose(start, _resize(_smooth(coarse), fixed.shape[2:]) * 2.0, svf)
+        residual = _level(
+            moving, fixed, start, residual, iterations[-1], lr, window, weight, losses, bar, fold_weight, svf
+        )
+    bar.close()
+    refined = _compose(start, _smooth(residual), svf)
+    return OptimisationResult(refined.detach(), losses, iterations, time.perf_counter() - start_time)
+
+
+def finetune_network(
+    net: torch.nn.Module,
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    loss: Callable[..., torch.Tensor] | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> tuple[torch.nn.Module, list[float]]:
+    """Fine-tune a **copy** of ``net`` on one pair and return it in eval mode (the slow option, for GPUs).
+
+    Each step: ``ddf = net(cat[moving, fixed])``, ``loss(warp(moving, ddf), fixed, ddf)``, backward, Adam.
+
+    Args:
+        net: the trained network (left unchanged).
+        moving: ``(1, 1, *S)`` preprocessed moving image.
+        fixed: ``(1, 1, *S)`` preprocessed fixed image.
+        steps: Adam steps.
+        lr: Adam learning rate.
+        loss: called as ``loss(warped, fixed, ddf)``; default :class:`~ran_bundle.losses.RegistrationLoss`.
+        amp: forward under ``torch.autocast`` (the loss in float32).
+        progress: tqdm bar on stderr.
+
+    Returns:
+        ``(network, losses)``.
+
+    Raises:
+        RuntimeError: a non-finite loss (names the step).
+    """
+    from tqdm import tqdm
+
+    device = next(net.parameters()).device
+    tuned = copy.deepcopy(net).to(device).train()
+    m, f = moving.float().to(device), fixed.float().to(device)
+    x = torch.cat([m, f], dim=1)
+    loss_fn = loss if loss is not None else RegistrationLoss(spatial_dims=m.ndim - 2)
+    optimiser = torch.optim.Adam(tuned.parameters(), lr=float(lr))
+    history: list[float] = []
+    bar = tqdm(range(int(steps)), desc="network fine-tuning", file=sys.stderr, disable=not progress)
+    with torch.enable_grad():
+        for step in bar:
+            optimiser.zero_grad(set_to_none=True)
+            with autocast_if(amp, device):
+                ddf = tuned(x)
+            ddf = ddf.float()
+            value = loss_fn(warp(m, ddf), f, ddf)
+            if not torch.isfinite(value):
+                raise RuntimeError(f"network fine-tuning: non-finite loss at step {step}; lower the learning rate.")
+            value.backward()
+            optimiser.step()
+            history.append(float(value.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
+    return tuned.eval(), history

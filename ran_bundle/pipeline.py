@@ -1,0 +1,702 @@
+"""Register one pair of 3-D images: the pipeline behind ``ran-register``, the MONAI Deploy app and the
+MONAI Label atlas transform.
+
+A registration is a short list of named steps, each a method of :class:`RegistrationPipeline`:
+
+1. :meth:`~RegistrationPipeline.check_inputs`: read and check the images, labels and weights before any
+   long work (:class:`~ran_bundle.checks.InputError` names the file and the problem).
+2. :meth:`~RegistrationPipeline.run_affine`: rigid, then affine registration (:mod:`ran_bundle.affine`),
+   or a user's initial transform, or none.
+3. :meth:`~RegistrationPipeline.preprocess`: the network grid, the fixed image's foreground at ``spacing``
+   (:func:`~ran_bundle.spatial.foreground_grid`), with the fixed image and the affinely mapped moving image
+   resampled onto it and their intensities scaled as at training.
+4. :meth:`~RegistrationPipeline.predict`: the network's displacement on that grid (optionally after
+   fine-tuning a copy of the network on the pair, :func:`~ran_bundle.optimise.finetune_network`).
+5. :meth:`~RegistrationPipeline.optimise`: instance optimisation of the field itself
+   (:func:`~ran_bundle.optimise.optimise_field`), seconds on a CPU.
+6. :meth:`~RegistrationPipeline.to_world`: the whole mapping on the original fixed grid, affine included:
+   a fixed-space point ``p`` maps to the moving-space point ``A(p + v(p))`` (``A`` the affine, ``v`` the
+   deformable displacement in mm), written as ONE displacement field ``w(p) = A(p + v(p)) - p`` that
+   ``sitk.DisplacementFieldTransform`` (ANTs, Slicer) applies alone; warped images and labels, the
+   Jacobian determinant, folding, Dice, warnings.
+7. :meth:`~RegistrationPipeline.write` and the report: the output folder (:mod:`ran_bundle.outputs`).
+
+Conventions: those of :mod:`ran_bundle.fields` and :mod:`ran_bundle.spatial` (RAS affines, fields in mm
+mapping fixed points to moving points, ITK's LPS convention in the files).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
+from ran_bundle.checks import InputError, Volume, check_same_grid, check_state_dict_fits, load_volume, read_state_dict
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.metrics import dice_per_label, jacobian_determinant
+from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+from ran_bundle.optimise import finetune_network, optimise_field
+from ran_bundle.spatial import (
+    Grid,
+    field_to_voxel_ddf,
+    foreground_grid,
+    foreground_mask,
+    resample_field,
+    resample_to_grid,
+    sample_voxels,
+    to_sitk_image,
+    voxel_grid,
+    voxel_to_world,
+    world_to_voxel,
+)
+from ran_bundle.tensors import autocast_if
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "INTENSITIES",
+    "STEPS",
+    "parse_spacing",
+    "resolve_device",
+    "load_network",
+    "scale_intensity",
+    "PairInputs",
+    "NetworkPair",
+    "Registration",
+    "RegistrationPipeline",
+]
+
+logger = logging.getLogger(__name__)
+
+INTENSITIES = ("ct", "mr", "none")
+STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
+#: the shipped brain MR weights (``models/model.pt`` of the bundle root)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
+#: the smallest network grid that gives a meaningful field: below it the pipeline refuses
+MIN_GRID_VOXELS = 8
+CT_WINDOW = (-100.0, 300.0)
+MR_PERCENTILES = (0.5, 99.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments and weights
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_spacing(spacing: Any) -> tuple[float, float, float]:
+    """Normalise a spacing value: one number (isotropic) or three, as numbers, a sequence or a string
+    (``"2"``, ``"2,2,3"``, ``"2 2 3"``, ``"[2, 2, 3]"``).
+
+    Raises:
+        InputError: not 1 or 3 positive finite numbers.
+    """
+    raw = spacing
+    if isinstance(spacing, str):
+        spacing = [s for s in spacing.strip("[]() ").replace(",", " ").split() if s]
+    if isinstance(spacing, (int, float)):
+        spacing = [spacing]
+    try:
+        values = [float(s) for s in spacing]
+    except (TypeError, ValueError):
+        raise InputError(f"--spacing {raw!r}: expected one number or three numbers (mm).") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--spacing {raw!r}: expected one number or three positive numbers (mm).")
+    return (values[0], values[1], values[2])
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise ``device`` checked for availability.
+
+    Raises:
+        InputError: an unknown device string, or CUDA requested where it is not available.
+    """
+    if device is None or str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
+    return dev
+
+
+def load_network(
+    weights: str | os.PathLike, preset: str = "ref", device: torch.device | str = "cpu"
+) -> ResidualAlignerNetwork:
+    """Build ``ResidualAlignerNetwork(3, preset)`` and load ``weights`` into it, in eval mode.
+
+    Args:
+        weights: a bundle checkpoint (dict whose ``"model"`` entry is the state dict) or a plain state dict;
+            a DDP ``"module."`` prefix is removed.
+        preset: the preset the weights were trained with (:data:`ran_bundle.networks.PRESETS`).
+        device: where to put the network.
+
+    Raises:
+        InputError: unknown preset, file missing, truncated or unreadable, not a state dict, or not fitting
+            the preset (missing/unexpected keys or shape mismatches, the first few named).
+    """
+    if preset not in PRESETS:
+        raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}.")
+    state = read_state_dict(weights)
+    net = ResidualAlignerNetwork(spatial_dims=3, preset=preset)
+    check_state_dict_fits(
+        state, net, os.fspath(weights), f"the RAN preset {preset!r}", "pass the --preset the weights were trained with."
+    )
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+def scale_intensity(array: np.ndarray, intensity: str) -> np.ndarray:
+    """The bundle's intensity scaling of an image on the network grid (as :func:`ran_bundle.transforms.
+    registration_transforms` does it): ``"ct"`` window [-100, 300] HU -> [0, 1]; ``"mr"`` percentiles 0.5 and
+    99.5 -> [0, 1]; both clipped; ``"none"`` unchanged."""
+    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    if intensity == "ct":
+        scaler = ScaleIntensityRange(*CT_WINDOW, b_min=0.0, b_max=1.0, clip=True)
+    elif intensity == "mr":
+        scaler = ScaleIntensityRangePercentiles(*MR_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        return array.astype(np.float32)
+    return np.asarray(scaler(array[None].astype(np.float32)))[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# what the steps pass on
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairInputs:
+    """The checked inputs of one pair (step 1)."""
+
+    fixed: Volume
+    moving: Volume
+    fixed_label: Volume | None = None
+    moving_label: Volume | None = None
+
+    def sitk(self, which: str) -> sitk.Image:
+        """``"fixed"`` or ``"moving"`` as a SimpleITK image (float32) with its physical geometry."""
+        volume = self.fixed if which == "fixed" else self.moving
+        return to_sitk_image(volume.array.astype(np.float32), volume.affine)
+
+
+@dataclass
+class NetworkPair:
+    """The pair on the network grid (step 3): ``moving`` and ``fixed`` ``(1, 1, *S)`` float32 in [0, 1]."""
+
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    grid: Grid
+
+
+@dataclass
+class Registration:
+    """The result of :meth:`RegistrationPipeline.register` (everything but the files).
+
+    Attributes:
+        inputs: the checked inputs.
+        affine: the affine stage's result.
+        pair: the pair on the network grid.
+        ddf_network: ``(1, 3, *S)`` the network's displacement (voxels of the grid).
+        ddf: ``(1, 3, *S)`` after instance optimisation (the same tensor when it is off).
+        field: ``(1, 3, *F)`` world displacement (mm, RAS) of the whole mapping on the fixed image's grid.
+        jacobian: ``(*F)`` determinant of the whole mapping's Jacobian.
+        warped: ``(*F)`` the moving image on the fixed grid (original intensities).
+        warped_label: ``(*F)`` the moving label map on the fixed grid (nearest neighbour), or ``None``.
+        inverse_field: ``(1, 3, *M)`` world displacement of the inverse mapping on the moving grid, or ``None``.
+        stats: folding, displacement and Dice figures.
+        warnings: what makes the result doubtful, in words.
+        timings: seconds per step.
+        io_losses: instance-optimisation losses.
+    """
+
+    inputs: PairInputs
+    affine: AffineResult
+    pair: NetworkPair
+    ddf_network: torch.Tensor
+    ddf: torch.Tensor
+    field: torch.Tensor
+    jacobian: torch.Tensor
+    warped: torch.Tensor
+    warped_label: torch.Tensor | None
+    inverse_field: torch.Tensor | None
+    stats: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    io_losses: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+class RegistrationPipeline:
+    """Affine stage, RAN, instance optimisation and world-space outputs for one pair at a time.
+
+    Args:
+        weights: checkpoint of the network; default: the bundle's ``models/model.pt``.
+        preset: RAN preset of the weights.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; ``None``: CUDA when available.
+        amp: mixed precision for the network.
+        spacing: voxel size (mm) of the network grid (the weights' training resolution).
+        intensity: ``"ct"``, ``"mr"`` or ``"none"`` (as at training).
+        affine: ``"affine"`` (rigid then affine), ``"rigid"`` or ``"none"``.
+        initial_transform: an ITK transform file (affine/rigid, fixed -> moving points) to start from; with
+            ``affine="none"`` it is used as the affine stage's result.
+        io_iterations: instance-optimisation iterations ``(half resolution, full resolution)``; ``(0, 0)`` off.
+        io_weight: weight of its diffusion regulariser.
+        finetune_steps: fine-tune a copy of the network on the pair first (slow on a CPU; 0 = off).
+        finetune_lr: its Adam learning rate.
+        inverse: also compute the inverse mapping.
+        progress: progress bars on stderr.
+        network: an already loaded network (then ``weights`` only names it in the report).
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        preset: str = "ref",
+        device: str | None = None,
+        amp: bool = False,
+        spacing: Any = 2.0,
+        intensity: str = "mr",
+        affine: str = "affine",
+        initial_transform: str | os.PathLike | None = None,
+        io_iterations: Sequence[int] = (0, 60),
+        io_weight: float = 1.0,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-4,
+        inverse: bool = False,
+        progress: bool = True,
+        network: ResidualAlignerNetwork | None = None,
+    ) -> None:
+        self.spacing = parse_spacing(spacing)
+        if intensity not in INTENSITIES:
+            raise InputError(f"--intensity {intensity!r}: expected one of {INTENSITIES}.")
+        if affine not in AFFINE_STAGES:
+            raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
+        iterations = [int(n) for n in io_iterations]
+        if len(iterations) != 2 or any(n < 0 for n in iterations):
+            raise InputError(f"--io-iterations {io_iterations!r}: expected two non-negative integers.")
+        if not (isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0):
+            raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
+        if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
+            raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")
+        if not (isinstance(io_weight, (int, float)) and io_weight >= 0):
+            raise InputError(f"--io-weight {io_weight!r}: expected a non-negative number.")
+        self.device = resolve_device(device)
+        self.amp = bool(amp)
+        self.intensity = intensity
+        self.affine_stage = affine
+        self.initial = None if initial_transform is None else read_transform(initial_transform)
+        self.initial_transform = initial_transform
+        self.io_iterations = (iterations[0], iterations[1])
+        self.io_weight = float(io_weight)
+        self.finetune_steps = int(finetune_steps)
+        self.finetune_lr = float(finetune_lr)
+        self.inverse = bool(inverse)
+        self.progress = bool(progress)
+        self.preset = preset
+        self.weights = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        self.network = network if network is not None else load_network(self.weights, preset, self.device)
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def _step(self, name: str, message: str):
+        logger.info(message)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+    # ---- 1 ----
+    def check_inputs(
+        self,
+        fixed: str | os.PathLike,
+        moving: str | os.PathLike,
+        fixed_label: str | os.PathLike | None = None,
+        moving_label: str | os.PathLike | None = None,
+    ) -> PairInputs:
+        """Read and check the files (nothing is computed or written before this passes).
+
+        Raises:
+            InputError: missing/unreadable/non-3-D/NaN/constant images, labels on another grid or
+                holding non-integer values, or images too small for the network at ``spacing``.
+        """
+        with self._step("check_inputs", "checking the inputs"):
+            inputs = PairInputs(
+                load_volume(fixed, "fixed image", require_contrast=True),
+                load_volume(moving, "moving image", require_contrast=True),
+            )
+            for role, path in (("fixed label", fixed_label), ("moving label", moving_label)):
+                if path is None:
+                    continue
+                label = load_volume(path, role)
+                check_same_grid(label, inputs.fixed if role == "fixed label" else inputs.moving)
+                if label.array.dtype.kind == "f" and not np.allclose(label.array, np.rint(label.array), atol=1e-3):
+                    raise InputError(f"{role} {label.path}: holds non-integer values; is it an image?")
+                setattr(inputs, role.replace(" ", "_"), label)
+            for volume in (inputs.fixed, inputs.moving):
+                extent = np.asarray(volume.array.shape) * np.asarray(volume.spacing)
+                voxels = extent / np.asarray(self.spacing)
+                if voxels.min() < MIN_GRID_VOXELS:
+                    raise InputError(
+                        f"{volume.role} {volume.path}: {np.round(extent, 1).tolist()} mm is under "
+                        f"{MIN_GRID_VOXELS} voxels of {self.spacing[0]:g} mm along an axis; too small to register."
+                    )
+        return inputs
+
+    # ---- 2 ----
+    def run_affine(self, inputs: PairInputs) -> AffineResult:
+        """The affine stage: a ``(4, 4)`` RAS map of fixed points to moving points."""
+        with self._step("affine", f"affine stage: {self.affine_stage}"):
+            return register_affine(
+                inputs.sitk("fixed"), inputs.sitk("moving"), stage=self.affine_stage, initial=self.initial
+            )
+
+    # ---- 3 ----
+    def preprocess(self, inputs: PairInputs, affine: AffineResult) -> NetworkPair:
+        """Both images on the network grid: the fixed image's foreground at ``spacing`` mm."""
+        with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
+            fixed_image = inputs.sitk("fixed")
+            grid = foreground_grid(fixed_image, self.spacing)
+            fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity)
+            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), self.intensity)
+        logger.info("network grid %s at %s mm", grid.shape, tuple(round(s, 3) for s in grid.spacing))
+        return NetworkPair(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None], grid)
+
+    # ---- 4 ----
+    def predict(self, pair: NetworkPair) -> torch.Tensor:
+        """The network's DDF ``(1, 3, *S)`` (voxels of the grid), float32 on the CPU."""
+        net = self.network
+        if self.finetune_steps:
+            with self._step("finetune", f"fine-tuning the network on the pair: {self.finetune_steps} steps"):
+                net, _ = finetune_network(
+                    net,
+                    pair.moving,
+                    pair.fixed,
+                    self.finetune_steps,
+                    self.finetune_lr,
+                    amp=self.amp,
+                    progress=self.progress,
+                )
+        with self._step("predict", "predicting the displacement field"), torch.no_grad():
+            x = torch.cat([pair.moving, pair.fixed], dim=1).to(self.device)
+            with autocast_if(self.amp, self.device):
+                ddf = net(x)
+            return ddf.float().cpu()
+
+    # ---- 5 ----
+    def optimise(self, pair: NetworkPair, ddf: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Instance optimisation of the field (:func:`~ran_bundle.optimise.optimise_field`)."""
+        if sum(self.io_iterations) == 0:
+            return ddf, []
+        with self._step("optimise", f"instance optimisation: {self.io_iterations} iterations"):
+            result = optimise_field(
+                pair.moving.to(self.device),
+                pair.fixed.to(self.device),
+                ddf.to(self.device),
+                iterations=self.io_iterations,
+                weight=self.io_weight,
+                progress=self.progress,
+            )
+        return result.ddf.cpu(), result.losses
+
+    # ---- 6 ----
+    def to_world(
+        self, inputs: PairInputs, affine: AffineResult, pair: NetworkPair, ddf: torch.Tensor
+    ) -> dict[str, Any]:
+        """The whole mapping on the original fixed grid and what follows from it (see the module docstring)."""
+        with self._step("to_world", "mapping the field onto the fixed image grid and warping"):
+            grid = pair.grid
+            lin = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
+            v_grid = torch.einsum("ij,bj...->bi...", lin, ddf.float())  # (1, 3, *S) mm, RAS
+            fixed, moving = inputs.fixed, inputs.moving
+            shape_f = fixed.array.shape
+            v = resample_field(v_grid, grid.affine, shape_f, fixed.affine)  # (1, 3, *F) on the fixed grid
+            points = voxel_to_world(voxel_grid(shape_f, torch.float32), fixed.affine)  # (3, *F)
+            mapped = _apply_matrix(affine.matrix, points + v[0])
+            total = (mapped - points)[None]  # (1, 3, *F): w(p) = A(p + v(p)) - p
+            coords = world_to_voxel(mapped, moving.affine)
+            warped = sample_voxels(moving.tensor(), coords)[0, 0]
+            warped_label = None
+            if inputs.moving_label is not None:
+                warped_label = sample_voxels(_label_tensor(inputs.moving_label), coords, mode="nearest")[0, 0]
+            jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0])
+            inverse = self._inverse(inputs, affine, grid, v_grid) if self.inverse else None
+            stats, warnings = self._stats(inputs, affine, grid, jacobian, total, warped_label)
+        return {
+            "field": total.float(),
+            "jacobian": jacobian.float(),
+            "warped": warped,
+            "warped_label": warped_label,
+            "inverse_field": inverse,
+            "stats": stats,
+            "warnings": warnings,
+        }
+
+    def _inverse(self, inputs: PairInputs, affine: AffineResult, grid: Grid, v_grid: torch.Tensor) -> torch.Tensor:
+        """World displacement of the inverse mapping on the moving grid: ``q -> (id + v)^-1 (A^-1 q) - q``.
+
+        ``(id + v)^-1`` by the fixed-point iteration ``w <- -v(x + w(x))`` on the network grid (30 rounds; it
+        converges where ``|grad v| < 1``), sampled at ``A^-1 q``."""
+        grid_points = voxel_to_world(voxel_grid(grid.shape), grid.affine)
+        w = torch.zeros_like(v_grid[0])
+        for _ in range(30):
+            w = -sample_voxels(v_grid.float(), world_to_voxel(grid_points + w, grid.affine), "bilinear", "border")[0]
+            w = w.double()
+        moving = inputs.moving
+        q = voxel_to_world(voxel_grid(moving.array.shape), moving.affine)
+        a_inv = torch.as_tensor(np.linalg.inv(affine.matrix), dtype=torch.float64)
+        x = torch.einsum("ij,j...->i...", a_inv[:3, :3], q) + a_inv[:3, 3].reshape(3, 1, 1, 1)
+        w_x = sample_voxels(w[None].float(), world_to_voxel(x, grid.affine), "bilinear", "border")[0].double()
+        return (x + w_x - q)[None].float()
+
+    def _stats(
+        self,
+        inputs: PairInputs,
+        affine: AffineResult,
+        grid: Grid,
+        jacobian: torch.Tensor,
+        field_mm: torch.Tensor,
+        warped_label: torch.Tensor | None,
+    ) -> tuple[dict[str, Any], list[str]]:
+        fixed = inputs.fixed
+        mask = torch.from_numpy(np.asarray(foreground_mask(fixed.array)))
+        folded = int(((jacobian <= 0) & mask).sum())
+        inside = int(mask.sum())
+        extent_mm = float(np.min(np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)))
+        norm = field_mm[0].norm(dim=0)
+        stats: dict[str, Any] = {
+            "folding_region": "fixed image foreground (ran_bundle.spatial.foreground_mask)",
+            "non_positive_jacobian_count": folded,
+            "non_positive_jacobian_percent": 100.0 * folded / max(inside, 1),
+            "sdlogj": float(jacobian[mask].clamp(1e-9, 1e9).log().std(correction=0)) if inside else math.nan,
+            "displacement_mm_mean": float(norm[mask].mean()) if inside else math.nan,
+            "displacement_mm_max": float(norm.max()),
+            "affine_determinant": float(np.linalg.det(affine.matrix[:3, :3])),
+        }
+        warnings = []
+        if stats["non_positive_jacobian_percent"] > 1.0:
+            warnings.append(
+                f"{stats['non_positive_jacobian_percent']:.2f}% of the fixed foreground folds (det J <= 0): the "
+                "field is implausible there."
+            )
+        if stats["displacement_mm_max"] > extent_mm:
+            warnings.append(
+                f"the largest displacement ({stats['displacement_mm_max']:.0f} mm) exceeds the fixed image's "
+                f"smallest extent ({extent_mm:.0f} mm): check that the images show the same anatomy and overlap."
+            )
+        if min(grid.shape) <= 16 or min(np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)) < 64:
+            warnings.append(
+                f"the fixed image covers under 64 mm along an axis (network grid {list(grid.shape)} at "
+                f"{self.spacing[0]:g} mm): the network's field is unreliable on images this small."
+            )
+        overlap = _foreground_overlap(inputs, affine)
+        stats["foreground_overlap_after_affine"] = overlap
+        if overlap < 0.5:
+            warnings.append(
+                f"after the affine stage only {100 * overlap:.0f}% of the fixed foreground overlaps the moving "
+                "image's: the images may not show the same region, or a header is wrong (e.g. a flipped axis)."
+            )
+        if warped_label is not None and inputs.fixed_label is not None and inputs.moving_label is not None:
+            stats["dice"] = self._dice(inputs, affine, warped_label)
+        return stats, warnings
+
+    def _dice(self, inputs: PairInputs, affine: AffineResult, warped_label: torch.Tensor) -> dict[str, Any]:
+        """Dice per label present in the fixed label map, after the affine stage alone and after the whole
+        registration; means over all labels and over the labels of at least 100 voxels (nearest-neighbour
+        label warps on the fixed grid)."""
+        fixed_label = np.rint(inputs.fixed_label.array).astype(np.int64)  # type: ignore[union-attr]
+        fixed = inputs.fixed
+        points = voxel_to_world(voxel_grid(fixed.array.shape, torch.float32), fixed.affine)
+        coords = world_to_voxel(_apply_matrix(affine.matrix, points), inputs.moving.affine)
+        affine_only = sample_voxels(_label_tensor(inputs.moving_label), coords, "nearest")[0, 0]  # type: ignore[arg-type]
+        values, counts = np.unique(fixed_label, return_counts=True)
+        labels = [int(v) for v in values if v != 0]
+        big = {int(v) for v, c in zip(values, counts, strict=True) if v != 0 and c >= 100}
+        scores = {
+            "affine": dice_per_label(affine_only.numpy(), fixed_label, labels),
+            "registered": dice_per_label(warped_label.numpy(), fixed_label, labels),
+        }
+        out: dict[str, Any] = {"labels": {str(v): {k: scores[k][v] for k in scores} for v in labels}}
+        for name, per in scores.items():
+            out[f"mean_{name}"] = float(np.nanmean(list(per.values()))) if per else math.nan
+            out[f"mean_{name}_100"] = float(np.nanmean([per[v] for v in big])) if big else math.nan
+        return out
+
+    # ---- all but writing ----
+    def register(
+        self,
+        fixed: str | os.PathLike,
+        moving: str | os.PathLike,
+        fixed_label: str | os.PathLike | None = None,
+        moving_label: str | os.PathLike | None = None,
+    ) -> Registration:
+        """Run steps 1-6 on one pair of files."""
+        self.timings = {}
+        inputs = self.check_inputs(fixed, moving, fixed_label, moving_label)
+        affine = self.run_affine(inputs)
+        pair = self.preprocess(inputs, affine)
+        ddf_network = self.predict(pair)
+        ddf, losses = self.optimise(pair, ddf_network)
+        world = self.to_world(inputs, affine, pair, ddf)
+        for warning in world["warnings"]:
+            logger.warning("warning: %s", warning)
+        return Registration(
+            inputs, affine, pair, ddf_network, ddf, world["field"], world["jacobian"], world["warped"],
+            world["warped_label"], world["inverse_field"], world["stats"], world["warnings"], dict(self.timings),
+            losses,
+        )  # fmt: skip
+
+    # ---- 7 ----
+    def files(self, registration: Registration, png: bool = False) -> dict[str, str]:
+        """The output names this registration writes (what :meth:`write` puts into the folder)."""
+        names = {"warped": "warped.nii.gz", "ddf": "ddf.nii.gz", "affine": "affine.tfm", "jacobian": "jacobian.nii.gz"}
+        if registration.warped_label is not None:
+            names["warped_label"] = "warped_label.nii.gz"
+        if registration.inverse_field is not None:
+            names["inverse_ddf"] = "inverse_ddf.nii.gz"
+        if png:
+            names["overview_png"] = "overview.png"
+        names["report"] = "report.json"
+        return names
+
+    def write(self, registration: Registration, folder: str | os.PathLike, png: bool = False) -> dict[str, str]:
+        """Write every output of ``registration`` into ``folder`` (an existing, empty staging folder)."""
+        folder = Path(folder)
+        names = self.files(registration, png)
+        inputs = registration.inputs
+        fixed, moving = inputs.fixed, inputs.moving
+        with self._step("write", f"writing {len(names)} files"):
+            write_image_atomic(registration.warped.numpy(), fixed.affine, folder / names["warped"], "float32")
+            write_displacement_nifti(
+                field_to_voxel_ddf(registration.field, fixed.affine), fixed.affine, folder / names["ddf"]
+            )
+            write_transform(registration.affine.matrix, folder / names["affine"])
+            write_image_atomic(registration.jacobian.numpy(), fixed.affine, folder / names["jacobian"], "float32")
+            if registration.warped_label is not None:
+                dtype = inputs.moving_label.array.dtype  # type: ignore[union-attr]
+                dtype = dtype if dtype.kind in "iu" else np.int32
+                write_image_atomic(
+                    registration.warped_label.numpy(), fixed.affine, folder / names["warped_label"], dtype
+                )
+            if registration.inverse_field is not None:
+                write_displacement_nifti(
+                    field_to_voxel_ddf(registration.inverse_field, moving.affine), moving.affine,
+                    folder / names["inverse_ddf"],
+                )  # fmt: skip
+            if png:
+                from ran_bundle.figures import overview_png
+
+                overview_png(folder / names["overview_png"], registration)
+        return names
+
+    def report(self, registration: Registration, outputs: Mapping[str, str], arguments: Mapping[str, Any]) -> dict:
+        """The JSON report of a run (arguments, inputs, stages, timings, figures, warnings, conventions)."""
+        from ran_bundle import __version__
+
+        inputs = registration.inputs
+        return {
+            "tool": "ran-register",
+            "version": __version__,
+            "command": list(sys.argv),
+            "arguments": dict(arguments),
+            "inputs": {
+                name: {"path": vol.path, "shape": list(vol.array.shape), "spacing_mm": list(vol.spacing)}
+                for name, vol in (
+                    ("fixed", inputs.fixed),
+                    ("moving", inputs.moving),
+                    ("fixed_label", inputs.fixed_label),
+                    ("moving_label", inputs.moving_label),
+                )
+                if vol is not None
+            },
+            "affine": {
+                "stage": registration.affine.stage,
+                "initial_transform": None if self.initial_transform is None else os.fspath(self.initial_transform),
+                "matrix_ras": registration.affine.matrix.tolist(),
+                "mattes_mi": registration.affine.metric,
+            },
+            "network": {
+                "weights": str(self.weights),
+                "preset": self.preset,
+                "device": str(self.device),
+                "amp": self.amp,
+                "grid_shape": list(registration.pair.grid.shape),
+                "grid_spacing_mm": list(registration.pair.grid.spacing),
+                "intensity": self.intensity,
+                "finetune_steps": self.finetune_steps,
+            },
+            "instance_optimisation": {
+                "iterations": list(self.io_iterations),
+                "weight": self.io_weight,
+                "loss_first": registration.io_losses[0] if registration.io_losses else None,
+                "loss_last": registration.io_losses[-1] if registration.io_losses else None,
+            },
+            "field": registration.stats,
+            "warnings": registration.warnings,
+            "outputs": dict(outputs),
+            "timings_s": dict(self.timings),
+            "conventions": (
+                "ddf.nii.gz: ONE ITK displacement field on the fixed image grid (vectors in mm, LPS frame) holding the "
+                "whole mapping, affine stage included: it maps a fixed-space point p to the moving-space point "
+                "p + w(p) = A(p + v(p)), so sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field)) or "
+                "antsApplyTransforms -t ddf.nii.gz reproduces warped.nii.gz. affine.tfm: the affine stage A alone "
+                "(ITK AffineTransform, fixed -> moving points). jacobian.nii.gz: det of the whole mapping's Jacobian. "
+                "Folding (% det J <= 0) is counted inside the fixed image's foreground. inverse_ddf.nii.gz: the "
+                "inverse mapping on the moving grid (moving -> fixed points)."
+            ),
+            "system": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "threads": torch.get_num_threads(),
+            },
+        }
+
+
+def _label_tensor(label: Volume) -> torch.Tensor:
+    """``(1, 1, *S)`` int32 tensor of a label map (float labels rounded)."""
+    arr = label.array
+    arr = arr.astype(np.int32) if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
+    return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+
+
+def _apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """``(4, 4)`` RAS matrix applied to world points ``(3, *S)``, in the points' dtype."""
+    a = torch.as_tensor(matrix, dtype=points.dtype)
+    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+
+
+def _foreground_overlap(inputs: PairInputs, affine: AffineResult) -> float:
+    """Fraction of the fixed foreground whose affinely mapped point falls in the moving image's foreground
+    (every 4th voxel per axis)."""
+    fixed, moving = inputs.fixed, inputs.moving
+    sub = (slice(None, None, 4),) * 3
+    mask_f = np.asarray(foreground_mask(fixed.array))[sub]
+    if not mask_f.any():
+        return 0.0
+    index = voxel_grid(fixed.array.shape)[(slice(None),) + sub]
+    mapped = _apply_matrix(affine.matrix, voxel_to_world(index, fixed.affine))
+    moving_mask = torch.from_numpy(np.asarray(foreground_mask(moving.array)).astype(np.int32))[None, None]
+    hit = sample_voxels(moving_mask, world_to_voxel(mapped, moving.affine), "nearest")[0, 0].numpy() > 0
+    return float((hit & mask_f).sum() / mask_f.sum())
