@@ -114,7 +114,7 @@ def _writable(folder: Path) -> str | None:
     """``None`` when files can be created in ``folder``, else the reason (``os.access`` first, then a real
     file: ``access`` can say yes where a write fails, e.g. on a read-only network share)."""
     if not os.access(folder, os.W_OK | os.X_OK):
-        return "permission denied" if os.access(folder, os.F_OK) else "not accessible"
+        return "not writable" if os.access(folder, os.F_OK) else "not accessible"
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
     except OSError as e:

@@ -261,7 +261,7 @@ def test_not_writable_is_refused_before_anything_is_created(tmp_path, monkeypatc
         outputs.os, "access", lambda p, mode: False if Path(p) == denied and mode & os.W_OK else real_access(p, mode)
     )
     target = out if exists else out / "x"
-    with pytest.raises(InputError, match=rf"--out {target}: cannot write into {denied} \(permission denied\)"):
+    with pytest.raises(InputError, match=rf"--out {target}: cannot write into {denied} \(not writable\)"):
         OutputFolder(target).acquire()
     assert listing(tmp_path) == ({"out"} if exists else set())
 
@@ -316,3 +316,19 @@ def test_write_json(tmp_path):
         "nested": {"1": [None]},
     }
     assert listing(tmp_path) == {"r.json"}
+
+
+def test_a_failing_write_is_refused_even_when_access_says_yes(tmp_path, monkeypatch):
+    """``os.access`` can say yes where writes fail (read-only network shares, root on some mounts)."""
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)
+    with pytest.raises(InputError, match=rf"cannot write into {out} \(Read-only file system\)"):
+        OutputFolder(out).acquire()
+    assert listing(tmp_path) == {"out"}
