@@ -78,6 +78,7 @@ def register_parser() -> argparse.ArgumentParser:
         help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
     )
     p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
+    p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune a copy of the network first (GPU option)")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="its Adam learning rate")
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
@@ -146,6 +147,7 @@ def _register(args: argparse.Namespace) -> None:
             initial_transform=args.initial_transform,
             io_iterations=(0, 0) if args.no_io else tuple(args.io_iterations),
             io_weight=args.io_weight,
+            io_fold_weight=args.io_fold_weight,
             finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr,
             inverse=args.inverse,

@@ -76,6 +76,7 @@ __all__ = [
     "NetworkPair",
     "Registration",
     "RegistrationPipeline",
+    "voxel_ddf_to_mm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ class RegistrationPipeline:
             ``affine="none"`` it is used as the affine stage's result.
         io_iterations: instance-optimisation iterations ``(half resolution, full resolution)``; ``(0, 0)`` off.
         io_weight: weight of its diffusion regulariser.
+        io_fold_weight: weight of its folding penalty.
         finetune_steps: fine-tune a copy of the network on the pair first (slow on a CPU; 0 = off).
         finetune_lr: its Adam learning rate.
         inverse: also compute the inverse mapping.
@@ -281,8 +283,9 @@ class RegistrationPipeline:
         intensity: str = "mr",
         affine: str = "affine",
         initial_transform: str | os.PathLike | None = None,
-        io_iterations: Sequence[int] = (0, 60),
-        io_weight: float = 1.0,
+        io_iterations: Sequence[int] = (30, 40),
+        io_weight: float = 10.0,
+        io_fold_weight: float = 50.0,
         finetune_steps: int = 0,
         finetune_lr: float = 1e-4,
         inverse: bool = False,
@@ -301,8 +304,9 @@ class RegistrationPipeline:
             raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")
-        if not (isinstance(io_weight, (int, float)) and io_weight >= 0):
-            raise InputError(f"--io-weight {io_weight!r}: expected a non-negative number.")
+        for flag, value in (("--io-weight", io_weight), ("--io-fold-weight", io_fold_weight)):
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+                raise InputError(f"{flag} {value!r}: expected a non-negative number.")
         self.device = resolve_device(device)
         self.amp = bool(amp)
         self.intensity = intensity
@@ -311,6 +315,7 @@ class RegistrationPipeline:
         self.initial_transform = initial_transform
         self.io_iterations = (iterations[0], iterations[1])
         self.io_weight = float(io_weight)
+        self.io_fold_weight = float(io_fold_weight)
         self.finetune_steps = int(finetune_steps)
         self.finetune_lr = float(finetune_lr)
         self.inverse = bool(inverse)
@@ -416,19 +421,24 @@ class RegistrationPipeline:
                 ddf.to(self.device),
                 iterations=self.io_iterations,
                 weight=self.io_weight,
+                fold_weight=self.io_fold_weight,
                 progress=self.progress,
             )
         return result.ddf.cpu(), result.losses
 
     # ---- 6 ----
-    def to_world(
-        self, inputs: PairInputs, affine: AffineResult, pair: NetworkPair, ddf: torch.Tensor
-    ) -> dict[str, Any]:
-        """The whole mapping on the original fixed grid and what follows from it (see the module docstring)."""
+    def to_world(self, inputs: PairInputs, affine: AffineResult, grid: Grid, v_grid: torch.Tensor) -> dict[str, Any]:
+        """The whole mapping on the original fixed grid and what follows from it (see the module docstring).
+
+        Args:
+            inputs: the checked inputs.
+            affine: the affine stage.
+            grid: the grid of the deformable displacement (the network grid, or any grid in fixed space).
+            v_grid: ``(1, 3, *S)`` deformable displacement on ``grid`` in mm (RAS): after the affine stage, the
+                fixed point ``p`` maps to the moving point ``A(p + v(p))`` (:func:`voxel_ddf_to_mm` of a DDF).
+        """
         with self._step("to_world", "mapping the field onto the fixed image grid and warping"):
-            grid = pair.grid
-            lin = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
-            v_grid = torch.einsum("ij,bj...->bi...", lin, ddf.float())  # (1, 3, *S) mm, RAS
+            v_grid = v_grid.float()
             fixed, moving = inputs.fixed, inputs.moving
             shape_f = fixed.array.shape
             v = resample_field(v_grid, grid.affine, shape_f, fixed.affine)  # (1, 3, *F) on the fixed grid
@@ -558,7 +568,7 @@ class RegistrationPipeline:
         pair = self.preprocess(inputs, affine)
         ddf_network = self.predict(pair)
         ddf, losses = self.optimise(pair, ddf_network)
-        world = self.to_world(inputs, affine, pair, ddf)
+        world = self.to_world(inputs, affine, pair.grid, voxel_ddf_to_mm(ddf, pair.grid))
         for warning in world["warnings"]:
             logger.warning("warning: %s", warning)
         return Registration(
@@ -649,6 +659,7 @@ class RegistrationPipeline:
             "instance_optimisation": {
                 "iterations": list(self.io_iterations),
                 "weight": self.io_weight,
+                "fold_weight": self.io_fold_weight,
                 "loss_first": registration.io_losses[0] if registration.io_losses else None,
                 "loss_last": registration.io_losses[-1] if registration.io_losses else None,
             },
@@ -679,6 +690,12 @@ def _label_tensor(label: Volume) -> torch.Tensor:
     arr = label.array
     arr = arr.astype(np.int32) if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
     return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
+
+
+def voxel_ddf_to_mm(ddf: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A voxel DDF ``(1, 3, *S)`` on ``grid`` (RAS-aligned or not) as a world displacement ``(1, 3, *S)`` in mm (RAS)."""
+    lin = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
+    return torch.einsum("ij,bj...->bi...", lin, ddf.float())
 
 
 def _apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
