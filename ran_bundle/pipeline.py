@@ -693,7 +693,7 @@ def _label_tensor(label: Volume) -> torch.Tensor:
 
 
 def voxel_ddf_to_mm(ddf: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """A voxel DDF ``(1, 3, *S)`` on ``grid`` (RAS-aligned or not) as a world displacement ``(1, 3, *S)`` in mm (RAS)."""
+    """A voxel DDF ``(1, 3, *S)`` on ``grid`` as a world displacement ``(1, 3, *S)`` in mm (RAS)."""
     lin = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
     return torch.einsum("ij,bj...->bi...", lin, ddf.float())
 
