@@ -31,11 +31,11 @@ from monai.data import list_data_collate
 
 from ran_bundle.engines import pair_name, prepare_batch
 from ran_bundle.fields import spacing_of
-from ran_bundle.metrics import evaluate_pair
+from ran_bundle.metrics import dice_per_label, evaluate_pair, hd95_per_label
 from ran_bundle.networks.blocks import warp
 from ran_bundle.transforms import registration_transforms
 
-__all__ = ["evaluation_pairs", "evaluate_model", "label_names"]
+__all__ = ["evaluation_pairs", "evaluate_model", "label_names", "CORTEX_LABELS", "native_label_scores"]
 
 
 def evaluation_pairs(
@@ -129,3 +129,44 @@ def label_names(
         return table
     present = sorted({int(v) for p in pairs for v in torch.unique(p["fixed_label"]).tolist() if v != 0})
     return {v: str(v) for v in present}
+
+
+#: DKT31 cortical parcels (FreeSurfer codes 1000-1999 left, 2000-2999 right hemisphere)
+CORTEX_LABELS = range(1000, 3000)
+
+
+def native_label_scores(
+    warped_label: np.ndarray | torch.Tensor,
+    fixed_label: np.ndarray,
+    spacing: Sequence[float],
+    min_voxels: int = 100,
+    cortex: Sequence[int] | range = CORTEX_LABELS,
+) -> dict[str, float]:
+    """Overlap scores of one registration on the fixed image's own grid, as the brain comparison reports them.
+
+    Args:
+        warped_label: ``(*F)`` moving labels warped onto the fixed grid (nearest neighbour).
+        fixed_label: ``(*F)`` fixed labels (integer values; float maps are rounded).
+        spacing: fixed voxel size (mm) for HD95.
+        min_voxels: labels with fewer fixed voxels are left out (tiny structures, partial labels).
+        cortex: the label values of the cortex.
+
+    Returns:
+        ``{"dice", "dice_cortex", "hd95", "labels", "cortex_labels"}``: mean Dice over the labels of at least
+        ``min_voxels`` voxels, over the cortex labels among them, mean HD95 (mm) over them, and their counts.
+    """
+    pred = np.asarray(warped_label.numpy() if isinstance(warped_label, torch.Tensor) else warped_label)
+    ref = np.rint(np.asarray(fixed_label)).astype(np.int64)
+    values, counts = np.unique(ref, return_counts=True)
+    labels = [int(v) for v, c in zip(values, counts, strict=True) if v != 0 and c >= min_voxels]
+    cortex_set = set(cortex)
+    dice = dice_per_label(pred, ref, labels)
+    hd95 = hd95_per_label(pred, ref, labels, spacing)
+    cortical = [v for v in labels if v in cortex_set]
+    return {
+        "dice": float(np.nanmean([dice[v] for v in labels])) if labels else math.nan,
+        "dice_cortex": float(np.nanmean([dice[v] for v in cortical])) if cortical else math.nan,
+        "hd95": float(np.nanmean([hd95[v] for v in labels])) if labels else math.nan,
+        "labels": len(labels),
+        "cortex_labels": len(cortical),
+    }

@@ -42,6 +42,7 @@ __all__ = [
     "sdlogj",
     "dice",
     "dice_per_label",
+    "hd95_per_label",
     "label_metrics",
     "evaluate_pair",
     "summarise",
@@ -229,6 +230,41 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> 
     for v, i in index.items():
         denom = int(pred_count[i]) + int(ref_count[i])
         out[v] = 2.0 * int(both[i]) / denom if denom else math.nan
+    return out
+
+
+def hd95_per_label(
+    pred: np.ndarray, ref: np.ndarray, labels: Sequence[int], spacing: Sequence[float] | None = None
+) -> dict[int, float]:
+    """95th-percentile symmetric Hausdorff distance of each label (MONAI's
+    :func:`~monai.metrics.compute_hausdorff_distance`), computed on the label's own bounding box (in either map,
+    plus 2 voxels), which makes a hundred small labels on a 1 mm brain take seconds instead of minutes; nan where
+    a label is missing from either map.
+
+    Args:
+        pred: ``(*spatial)`` integer label map (e.g. the warped moving labels).
+        ref: the same shape (e.g. the fixed labels).
+        labels: the label values.
+        spacing: voxel size in mm per axis (``None``: voxels).
+    """
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    sp = None if spacing is None else [float(s) for s in spacing]
+    out: dict[int, float] = {}
+    for lab in labels:
+        p, r = pred == lab, ref == lab
+        if not p.any() or not r.any():
+            out[int(lab)] = math.nan
+            continue
+        where = np.argwhere(p | r)
+        lo = np.maximum(where.min(0) - 2, 0)
+        hi = where.max(0) + 3
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        p1h = torch.from_numpy(p[box][None, None])
+        r1h = torch.from_numpy(r[box][None, None])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+            value = compute_hausdorff_distance(p1h, r1h, include_background=True, percentile=95, spacing=sp)
+        out[int(lab)] = float(value[0, 0])
     return out
 
 
