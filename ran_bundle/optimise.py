@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ran_bundle.engines import registration_train_step
 from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc
 from ran_bundle.networks.blocks import warp
 from ran_bundle.spatial import foreground_mask
-from ran_bundle.tensors import autocast_if
 
 __all__ = ["OptimisationResult", "diffusion", "optimise_field", "finetune_network"]
 
@@ -207,7 +207,8 @@ def finetune_network(
 ) -> tuple[torch.nn.Module, list[float]]:
     """Fine-tune a **copy** of ``net`` on one pair and return it in eval mode (the slow option, for GPUs).
 
-    Each step: ``ddf = net(cat[moving, fixed])``, ``loss(warp(moving, ddf), fixed, ddf)``, backward, Adam.
+    Each step is the package's training step (:func:`ran_bundle.engines.registration_train_step`):
+    ``ddf = net(cat[moving, fixed])``, ``loss(warp(moving, ddf), fixed, ddf)``, backward, Adam.
 
     Args:
         net: the trained network (left unchanged).
@@ -223,29 +224,20 @@ def finetune_network(
         ``(network, losses)``.
 
     Raises:
-        RuntimeError: a non-finite loss (names the step).
+        RuntimeError: a non-finite loss (:class:`ran_bundle.engines.NonFiniteLossError`).
     """
     from tqdm import tqdm
 
     device = next(net.parameters()).device
-    tuned = copy.deepcopy(net).to(device).train()
-    m, f = moving.float().to(device), fixed.float().to(device)
-    x = torch.cat([m, f], dim=1)
-    loss_fn = loss if loss is not None else RegistrationLoss(spatial_dims=m.ndim - 2)
+    tuned = copy.deepcopy(net).to(device)
+    x = torch.cat([moving.float(), fixed.float()], dim=1).to(device)
+    loss_fn = loss if loss is not None else RegistrationLoss(spatial_dims=x.ndim - 2)
     optimiser = torch.optim.Adam(tuned.parameters(), lr=float(lr))
     history: list[float] = []
     bar = tqdm(range(int(steps)), desc="network fine-tuning", file=sys.stderr, disable=not progress)
     with torch.enable_grad():
-        for step in bar:
-            optimiser.zero_grad(set_to_none=True)
-            with autocast_if(amp, device):
-                ddf = tuned(x)
-            ddf = ddf.float()
-            value = loss_fn(warp(m, ddf), f, ddf)
-            if not torch.isfinite(value):
-                raise RuntimeError(f"network fine-tuning: non-finite loss at step {step}; lower the learning rate.")
-            value.backward()
-            optimiser.step()
-            history.append(float(value.detach()))
+        for _ in bar:
+            _, value, _ = registration_train_step(tuned, optimiser, x, loss_fn, amp=amp, device=device)
+            history.append(float(value))
             bar.set_postfix(loss=f"{history[-1]:.4f}")
     return tuned.eval(), history
