@@ -6,7 +6,9 @@
   field, Jacobian determinant) on the fixed image's grid;
 - :class:`LastCheckpointSaver`: the whole training state in one file, written atomically, to resume from
   (ignite's :class:`~ignite.handlers.Checkpoint` and :class:`~ignite.handlers.DiskSaver`);
-- :class:`DatasetEpochHandler`: tells a dataset which epoch starts, so that its random draws follow it.
+- :class:`DatasetEpochHandler`: tells a dataset which epoch starts, so that its random draws follow it;
+- :class:`TrainingReport`: the validation Dice of no registration, each validation against it, and where
+  the run's files went.
 
 The evaluator handlers read the outputs of :class:`~ran_bundle.engines.RegistrationEvalStep` (batched dicts:
 the engines run with ``decollate=False``).
@@ -33,7 +35,13 @@ from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.tensors import as_plain_tensor
 
-__all__ = ["RegistrationMetricsWriter", "RegistrationWriter", "LastCheckpointSaver", "DatasetEpochHandler"]
+__all__ = [
+    "RegistrationMetricsWriter",
+    "RegistrationWriter",
+    "LastCheckpointSaver",
+    "DatasetEpochHandler",
+    "TrainingReport",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -275,3 +283,81 @@ class DatasetEpochHandler:
 
     def __call__(self, engine: Engine) -> None:
         self.dataset.set_epoch(engine.state.epoch)
+
+
+class TrainingReport:
+    """Tells the person who runs a training what they get.
+
+    - Before the first epoch: the validation Dice of no registration (the moving labels as they are, on the
+      validation pairs as preprocessed), the figure that every later validation Dice is to be judged against.
+    - After each validation: the Dice next to that baseline and the best so far.
+    - At the end: the best validation Dice and its epoch, and where the best model, the last training state
+      (to resume from) and the TensorBoard logs were written.
+
+    Args:
+        validator: the evaluator whose ``data_loader`` yields the validation pairs (with labels).
+        ckpt_dir: the folder of ``model.pt`` (best) and ``model_last.pt`` (last state).
+        log_dir: the TensorBoard log folder.
+        key_metric: the validator's key metric name.
+    """
+
+    def __init__(
+        self,
+        validator: Engine,
+        ckpt_dir: str | os.PathLike,
+        log_dir: str | os.PathLike,
+        key_metric: str = "val_mean_dice",
+    ) -> None:
+        self.validator = validator
+        self.ckpt_dir = Path(ckpt_dir)
+        self.log_dir = Path(log_dir)
+        self.key_metric = key_metric
+        self.identity: float = math.nan
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.baseline)
+        engine.add_event_handler(Events.COMPLETED, self.summary)
+        self.validator.add_event_handler(Events.COMPLETED, self.after_validation)
+
+    def baseline(self, engine: Engine) -> None:
+        """The mean Dice of the validation pairs without registration."""
+        from ran_bundle.metrics import MeanDiceOverLabels
+
+        metric = MeanDiceOverLabels()
+        pairs = 0
+        for batch in self.validator.data_loader:
+            moving, fixed = batch.get(PAIR_KEYS[2]), batch.get(PAIR_KEYS[3])
+            if moving is None or fixed is None:
+                continue
+            metric(moving, fixed)
+            pairs += int(moving.shape[0])
+        if pairs:
+            self.identity = float(metric.aggregate())
+            logger.info("validation Dice with no registration (identity): %.4f over %d pairs", self.identity, pairs)
+
+    def after_validation(self, engine: Engine) -> None:
+        value = engine.state.metrics.get(self.key_metric)
+        if value is not None:
+            logger.info(
+                "validation Dice %.4f (no registration: %.4f; best %.4f at epoch %d)",
+                float(value),
+                self.identity,
+                float(getattr(engine.state, "best_metric", math.nan)),
+                int(getattr(engine.state, "best_metric_epoch", -1)),
+            )
+
+    def summary(self, engine: Engine) -> None:
+        state = self.validator.state
+        best = float(getattr(state, "best_metric", math.nan)) if state is not None else math.nan
+        epoch = int(getattr(state, "best_metric_epoch", -1)) if state is not None else -1
+        logger.info(
+            "training done after %d epochs: best validation Dice %.4f at epoch %d (no registration: %.4f). "
+            "Best model: %s. Last state (resume with --resume True): %s. TensorBoard logs: %s",
+            engine.state.epoch,
+            best,
+            epoch,
+            self.identity,
+            self.ckpt_dir / "model.pt",
+            self.ckpt_dir / "model_last.pt",
+            self.log_dir,
+        )

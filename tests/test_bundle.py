@@ -147,6 +147,14 @@ def test_training_writes_checkpoints_and_logs_loss(trained):
     assert not list(ckpt_dir.glob(".*.tmp")), "a temporary checkpoint file was left behind"
     assert "train_loss" in trained["log"]
     assert "val_mean_dice" in trained["log"]
+    # the run tells what it saved and where, and the Dice of no registration to judge validation against
+    log = trained["log"]
+    assert "validation Dice with no registration (identity)" in log
+    assert (
+        f"Best model: {ckpt_dir / 'model.pt'}" in log
+        and f"Last state (resume with --resume True): {ckpt_dir / 'model_last.pt'}" in log
+    )
+    assert "TensorBoard logs:" in log
 
 
 def test_evaluation_csv(evaluated, pairs):
@@ -314,6 +322,8 @@ def test_short_training_raises_validation_dice_over_identity(tiny_ct, tmp_path):
         ]
     )
     print(f"identity Dice {identity:.4f}, validation Dice per epoch {dices}")
+    logged = float(re.search(r"validation Dice with no registration \(identity\): ([0-9.]+)", log).group(1))
+    assert abs(logged - identity) < 1e-3  # the run's own baseline is the identity Dice
     assert max(dices) >= identity + 0.05, f"identity {identity:.4f}, validation Dice {dices}"
     assert (tmp_path / "models" / "model.pt").is_file()
 
