@@ -24,6 +24,15 @@ What it measures, for every (model, input size) pair, batch size 1, one image pa
   DDF), its median time and peak memory, in a separate subprocess.
 * ratio columns: time and memory of each model divided by those of ``--baseline`` (default
   ``voxelmorph``) at the same size in the same run ("n/a" when the baseline was not run).
+* ``GFLOP/s``: the achieved speed, the counted forward FLOPs (``GFLOPs`` above) divided by the measured
+  ``time/pair``; ``train GFLOP/s``: 3 x the forward FLOPs (the convention: the backward pass costs about two forward
+  passes, one for the input gradients and one for the weight gradients; the recomputation of ``--checkpointing``,
+  the loss and the optimiser step are not counted) divided by the ``train step`` time. Only convolutions and matmuls
+  are counted, so time spent elsewhere (norms, ``grid_sample``, concatenations) lowers a model's figure.
+* ``GFLOP/s / conv16`` (and ``train GFLOP/s / conv16``): each model's GFLOP/s divided by that of ``conv16`` (a plain
+  stack of 16-channel 3x3x3 convolutions of about the FLOPs of ``ref``, :class:`scripts.peers.ConvStack`) at the
+  same size in the same run: how close a network comes to the speed per FLOP of the convolutions this CPU runs
+  well ("n/a" when ``conv16`` was not run).
 
 Every measurement runs in its own subprocess so that peaks do not leak across models, with a timeout
 (``--timeout``, recorded as ``timeout``). On CPU a (model, size) whose estimated memory need (live
@@ -31,12 +40,15 @@ tensor bytes tracked during a ``meta``-device pass, x 2 + 0.5 GB) exceeds 90% of
 ``MemAvailable`` is recorded as ``skipped (needs ~X GB)``; a subprocess killed by the OOM killer or raising
 an out-of-memory error is recorded as ``OOM``.
 
-Models: the RAN presets (``ref``, ``RAn0``, ``RAn3``, ``RAn4``, ``RAn4+``), ``voxelmorph``
+Models: the RAN presets (``ref``, ``RAn0``, ``RAn3``, ``RAn4``, ``RAn4+``; weights and activations in
+``channels_last_3d``, the network's default), the same with ``channels_last`` off (``ref-contiguous``,
+``RAn0-contiguous``, ...: the memory format before, same network and FLOPs), ``conv16`` (above), ``voxelmorph``
 (``monai.networks.nets.VoxelMorph()`` defaults: VoxelMorphUNet backbone, 7 scaling-and-squaring steps;
 timed up to the DDF, i.e. without its final warp of the moving image) and ``localnet``
 (``monai.networks.nets.LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32,
-extract_levels=(0, 1, 2, 3))``). Note: ``ResidualAlignerNetwork.forward`` evaluates both registration
-directions (batch 2 internally) in every module but the last, which is included in its FLOPs, time and memory.
+extract_levels=(0, 1, 2, 3))``). The default ``--models`` are the presets, the two peers and ``conv16``.
+Note: ``ResidualAlignerNetwork.forward`` evaluates both registration directions (batch 2 internally) in every module
+but the last, which is included in its FLOPs, time and memory.
 
 Speed and memory TARGETS live here (and in the reports this script writes), never in the test-suite:
 ``tests/test_benchmark.py`` only checks that the script runs and produces a well-formed table.
@@ -44,7 +56,7 @@ Speed and memory TARGETS live here (and in the reports this script writes), neve
 Usage::
 
     python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
-        [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet] [--device cpu|cuda] [--amp]
+        [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet conv16 ref-contiguous ...] [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
         [--budget S] [--threads N] [--checkpointing] [--estimate-only]
 """
@@ -69,10 +81,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
     sys.path.insert(0, str(REPO))
 
-from scripts.peers import ALL_MODELS, build_model  # noqa: E402
+from scripts.peers import ALL_MODELS, RAN_MODELS, build_model  # noqa: E402
 from scripts.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
 
 DEFAULT_SIZES = ("96x80x128",)
+DEFAULT_MODELS = (*RAN_MODELS, "voxelmorph", "localnet", "conv16")
+#: the model of the ``GFLOP/s / conv16`` columns
+RATE_BASELINE = "conv16"
+#: FLOPs of a training step in forward passes' FLOPs (forward + backward for inputs + backward for weights)
+TRAIN_FLOPS_FACTOR = 3
 RESULT_TAG = "BENCHMARK_RESULT "
 
 
@@ -236,20 +253,37 @@ def _gib(nbytes: int | None) -> str:
     return f"{nbytes / 2**30:.2f}" if nbytes is not None else "–"
 
 
+def add_rates(row: dict) -> dict:
+    """Adds the achieved ``"gflops_s"`` (forward FLOPs / forward time) and ``"train_gflops_s"``
+    (:data:`TRAIN_FLOPS_FACTOR` x forward FLOPs / training step time) to ``row`` where both figures exist."""
+    flops = row.get("flops")
+    if isinstance(flops, (int, float)) and flops > 0:
+        for key, time_key, factor in (("gflops_s", "time", 1), ("train_gflops_s", "train_time", TRAIN_FLOPS_FACTOR)):
+            t = row.get(time_key)
+            if isinstance(t, float) and t > 0:
+                row[key] = factor * flops / t / 1e9
+    return row
+
+
 def make_table(rows: list[dict], baseline: str, train: bool) -> str:
     base = {r["size"]: r for r in rows if r["model"] == baseline}
+    rate_base = {r["size"]: r for r in rows if r["model"] == RATE_BASELINE}
     head = ["model", "size", "params (M)", "GFLOPs", "time/pair (s)", "peak mem (GB)", "tensors (GiB)"]
-    head += [f"time / {baseline}", f"mem / {baseline}"]
+    head += [f"time / {baseline}", f"mem / {baseline}", "GFLOP/s", f"GFLOP/s / {RATE_BASELINE}"]
     if train:
         head += ["train step (s)", "train peak (GB)", "train tensors (GiB)"]
         head += [f"train time / {baseline}", f"train mem / {baseline}"]
+        head += ["train GFLOP/s", f"train GFLOP/s / {RATE_BASELINE}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
-    def ratio(key: str, r: dict) -> str:
-        b = base.get(r["size"], {})
+    def ratio(key: str, r: dict, reference: dict[str, dict] = base) -> str:
+        b = reference.get(r["size"], {})
         if isinstance(r.get(key), float) and isinstance(b.get(key), float) and b[key] > 0:
             return f"{r[key] / b[key]:.2f}"
         return "n/a"
+
+    def rate(key: str, r: dict) -> str:
+        return f"{r[key]:.1f}" if isinstance(r.get(key), float) else "–"
 
     for r in rows:
         gflops = _fmt(r["flops"] / 1e9, ".1f") if isinstance(r.get("flops"), (int, float)) else "–"
@@ -260,7 +294,7 @@ def make_table(rows: list[dict], baseline: str, train: bool) -> str:
         if "repeats" in r and r["repeats"] != r.get("repeats_asked", r["repeats"]):
             t += f" (n={r['repeats']})"
         cells += [t, _fmt(r.get("peak_gb", r.get("status")), ".2f"), _gib(r.get("fwd_bytes"))]
-        cells += [ratio("time", r), ratio("peak_gb", r)]
+        cells += [ratio("time", r), ratio("peak_gb", r), rate("gflops_s", r), ratio("gflops_s", r, rate_base)]
         if train:
             st = r.get("train_status")
             tt = _fmt(r.get("train_time", st), ".3f")
@@ -268,6 +302,7 @@ def make_table(rows: list[dict], baseline: str, train: bool) -> str:
                 tt += f" (n={r['train_repeats']})"
             cells += [tt, _fmt(r.get("train_peak_gb", st), ".2f"), _gib(r.get("train_bytes"))]
             cells += [ratio("train_time", r), ratio("train_peak_gb", r)]
+            cells += [rate("train_gflops_s", r), ratio("train_gflops_s", r, rate_base)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -308,13 +343,13 @@ def measure(args: argparse.Namespace, name: str, size: tuple[int, int, int], log
             row["train_status"] = tr["status"]
         else:
             row["train_time"], row["train_peak_gb"], row["train_repeats"] = tr["time"], tr["peak_gb"], tr["repeats"]
-    return row
+    return add_rates(row)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help="input sizes DxHxW")
-    p.add_argument("--models", nargs="+", default=list(ALL_MODELS), choices=ALL_MODELS)
+    p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=ALL_MODELS)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--amp", action="store_true", help="autocast: bfloat16 on cpu, float16 on cuda")
     p.add_argument("--repeats", type=int, default=3, help="timed passes after one warm-up (median)")
@@ -385,10 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         "RAN forward evaluates both registration directions up to its last RA module, which computes only the "
         "moving -> fixed one; voxelmorph is timed up to its DDF (no final warp).",
         "(n=k): only k timed passes fitted --budget; the time is their median.",
+        "GFLOP/s: counted forward FLOPs / time per pair; train GFLOP/s: 3 x forward FLOPs / train step time "
+        "(backward = 2 forward passes; checkpointing's recomputation, loss and optimiser step not counted). "
+        f"GFLOP/s / {RATE_BASELINE}: ratio to {RATE_BASELINE} (plain stack of 42 16-channel 3x3x3 convolutions, "
+        "1.01x the FLOPs of ref) at the same size in the same run.",
+        "<preset>-contiguous: the RAN preset with channels_last off (contiguous weights and activations); "
+        "the presets without the suffix run in channels_last_3d (the default).",
         "skipped (needs ~X GB): estimated need (meta-device live tensors x 2 + 0.5 GB) > 90% of MemAvailable.",
     ]
     if args.baseline not in args.models:
         notes.append(f"Baseline {args.baseline} not in --models: ratio columns are n/a.")
+    if RATE_BASELINE not in args.models:
+        notes.append(f"{RATE_BASELINE} not in --models: the GFLOP/s / {RATE_BASELINE} columns are n/a.")
 
     def render(rows: list[dict], complete: bool) -> str:
         status = "" if complete else f"(partial: {len(rows)} of {len(sizes) * len(args.models)} measurements)"

@@ -1,5 +1,9 @@
 """Peer networks of the comparisons: the RAN presets and MONAI's VoxelMorph and LocalNet, built one way.
 
+Besides the peers, the speed-per-FLOP baseline ``conv16`` (:class:`ConvStack`, a plain stack of 16-channel
+convolutions with about the FLOPs of ``ref``) and the RAN presets with ``channels_last`` off (``"<preset>-contiguous"``,
+e.g. ``ref-contiguous``: the same network and weights in the default memory format) are built here too.
+
 Every model is called as ``net(x)`` with ``x = (B, 2, *S)`` (moving, fixed stacked as channels) and returns the
 DDF ``(B, 3, *S)`` in voxels. Used by ``scripts/benchmark.py``, ``scripts/compare.py`` and
 ``scripts/paper_figures.py``; a bundle config can name :class:`VoxelMorphDDF` as ``scripts.peers.VoxelMorphDDF``
@@ -12,12 +16,59 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RAN_MODELS", "ALL_MODELS", "VoxelMorphDDF", "build_model", "n_params"]
+__all__ = [
+    "RAN_MODELS",
+    "CONTIGUOUS_SUFFIX",
+    "CONTIGUOUS_MODELS",
+    "ALL_MODELS",
+    "ConvStack",
+    "VoxelMorphDDF",
+    "build_model",
+    "n_params",
+]
 
 #: the RAN presets (:data:`ran_bundle.networks.PRESETS` names) compared with the peers
 RAN_MODELS = ("ref", "RAn0", "RAn3", "RAn4", "RAn4+")
+#: a RAN preset's name + this suffix: the same network with ``channels_last=False`` (weights and activations in
+#: the default, contiguous memory format), to measure what the ``channels_last_3d`` default buys
+CONTIGUOUS_SUFFIX = "-contiguous"
+CONTIGUOUS_MODELS = tuple(f"{name}{CONTIGUOUS_SUFFIX}" for name in RAN_MODELS)
 #: every model :func:`build_model` builds
-ALL_MODELS = (*RAN_MODELS, "voxelmorph", "localnet")
+ALL_MODELS = (*RAN_MODELS, *CONTIGUOUS_MODELS, "voxelmorph", "localnet", "conv16")
+
+
+class ConvStack(nn.Module):
+    """The speed-per-FLOP baseline ``conv16``: a plain stack of 3x3x3 convolutions, ``x (B, 2, *S)`` -> ``(B, 3, *S)``.
+
+    ``Conv3d(2 -> 16)``, ``depth - 2`` times ``Conv3d(16 -> 16)``, ``Conv3d(16 -> 3)`` (bias, "same" padding), each
+    but the last followed by ``LeakyReLU(0.2)``; no norms, no dilation, no pooling, no resampling: the convolutions
+    oneDNN runs best, at full resolution. With the default ``depth=42`` one forward pass costs
+    ``2 * 27 * (2*16 + 40*16*16 + 16*3) = 557,280`` FLOPs per voxel, 1.013x the 550,157 of the ``ref`` preset
+    (FlopCounterMode, convolutions only; ``ref``'s count at sizes divisible by 16), so at the same input size the
+    two do the same arithmetic and their times compare directly. Weights and activations are kept in
+    ``channels_last_3d``, as the RAN does by default (for this stack the two memory formats measured the same within
+    noise).
+
+    Args:
+        depth: number of convolutions, at least 2.
+        channels: width of the hidden convolutions.
+    """
+
+    def __init__(self, depth: int = 42, channels: int = 16) -> None:
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2, got {depth}")
+        widths = [2] + [channels] * (depth - 1) + [3]
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            layers.append(nn.Conv3d(c_in, c_out, 3, padding=1))
+            if i < depth - 1:
+                layers.append(nn.LeakyReLU(0.2))
+        self.layers = nn.Sequential(*layers)
+        self.to(memory_format=torch.channels_last_3d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x.contiguous(memory_format=torch.channels_last_3d))
 
 
 class VoxelMorphDDF(nn.Module):
@@ -50,10 +101,16 @@ def build_model(name: str, checkpointing: bool = False) -> nn.Module:
 
     ``checkpointing`` turns on the RAN presets' activation checkpointing (training steps only).
     """
-    if name in RAN_MODELS:
+    contiguous = name in CONTIGUOUS_MODELS
+    preset = name[: -len(CONTIGUOUS_SUFFIX)] if contiguous else name
+    if preset in RAN_MODELS:
         from ran_bundle.networks import ResidualAlignerNetwork
 
-        return ResidualAlignerNetwork(spatial_dims=3, preset=name, activation_checkpointing=checkpointing)
+        return ResidualAlignerNetwork(
+            spatial_dims=3, preset=preset, activation_checkpointing=checkpointing, channels_last=not contiguous
+        )
+    if name == "conv16":
+        return ConvStack()
     if name == "voxelmorph":
         return VoxelMorphDDF()
     if name == "localnet":

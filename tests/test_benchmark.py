@@ -33,20 +33,76 @@ def _table_rows(text: str) -> dict[str, dict[str, str]]:
 def test_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "32x32x32"]
-    cmd += ["--models", "ref", "localnet", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    cmd += ["--models", "ref", "ref-contiguous", "localnet", "conv16", "--repeats", "1", "--warmup", "0"]
+    cmd += ["--threads", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Machine:" in proc.stdout and "torch" in proc.stdout
     rows = _table_rows(out.read_text())
-    assert set(rows) == {"ref", "localnet"}
+    assert set(rows) == {"ref", "ref-contiguous", "localnet", "conv16"}
     for model, row in rows.items():
         assert row["size"] == "32x32x32"
-        for col in ("params (M)", "GFLOPs", "time/pair (s)"):
+        for col in ("params (M)", "GFLOPs", "time/pair (s)", "GFLOP/s", "GFLOP/s / conv16"):
             assert float(row[col].rstrip("*")) > 0, (model, col, row[col])
         assert float(row["peak mem (GB)"]) >= 0
         assert row["time / voxelmorph"] == "n/a"  # baseline not run
-    # exact parameter count of the released topology (6 decimals of millions = exact count)
+        # achieved speed = counted forward FLOPs / measured time, to the table's rounding
+        gflops, seconds = float(row["GFLOPs"]), float(row["time/pair (s)"])
+        assert float(row["GFLOP/s"]) == pytest.approx(gflops / seconds, rel=0.02, abs=0.06)
+    assert rows["conv16"]["GFLOP/s / conv16"] == "1.00"
+    # exact parameter count of the released topology (6 decimals of millions = exact count), in both formats
     assert round(float(rows["ref"]["params (M)"]) * 1e6) == 738_030
+    assert rows["ref-contiguous"]["params (M)"] == rows["ref"]["params (M)"]
+    assert rows["ref-contiguous"]["GFLOPs"] == rows["ref"]["GFLOPs"]
+
+
+def test_rates_and_their_ratio_to_conv16(scripts_on_path):
+    """GFLOP/s = forward FLOPs / forward time; a training step counts 3 forward passes' FLOPs; ratios to conv16
+    at the same size, n/a without it; a model that timed out has no rate."""
+    from scripts.benchmark import add_rates, make_table
+
+    common = {"size": "64x64x64", "params": 1000, "repeats_asked": 1}
+    rows = [
+        add_rates({**common, "model": "conv16", "flops": 150e9, "time": 1.0, "train_time": 3.0}),
+        add_rates({**common, "model": "ref", "flops": 144e9, "time": 4.0, "train_time": 6.0}),
+        add_rates({**common, "model": "localnet", "flops": 10e9, "status": "timeout", "train_status": "timeout"}),
+        add_rates({**common, "model": "ref", "size": "32x32x32", "flops": 18e9, "time": 0.5, "train_time": 1.0}),
+    ]
+    assert rows[1]["gflops_s"] == pytest.approx(36.0) and rows[1]["train_gflops_s"] == pytest.approx(72.0)
+    table = make_table(rows, "voxelmorph", train=True)
+    by_model = {}
+    for ln in table.splitlines()[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        by_model[(cells[0], cells[1])] = cells
+    head = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    col = {name: i for i, name in enumerate(head)}
+    ref = by_model[("ref", "64x64x64")]
+    assert ref[col["GFLOP/s"]] == "36.0" and ref[col["GFLOP/s / conv16"]] == "0.24"
+    assert ref[col["train GFLOP/s"]] == "72.0" and ref[col["train GFLOP/s / conv16"]] == "0.48"
+    assert by_model[("conv16", "64x64x64")][col["train GFLOP/s / conv16"]] == "1.00"
+    timed_out = by_model[("localnet", "64x64x64")]
+    assert timed_out[col["GFLOP/s"]] == "–" and timed_out[col["GFLOP/s / conv16"]] == "n/a"
+    assert by_model[("ref", "32x32x32")][col["GFLOP/s / conv16"]] == "n/a"  # no conv16 at that size
+
+
+def test_conv16_baseline_matches_ref_flops(scripts_on_path):
+    """``conv16``: 2 channels in, the 3-channel DDF out, 1.01x the forward FLOPs of ``ref`` at the same size;
+    ``ref-contiguous`` is ``ref`` with ``channels_last`` off, the same parameters and FLOPs."""
+    import torch
+
+    from scripts.peers import ALL_MODELS, build_model
+    from scripts.profiling import meta_pass
+
+    assert {"conv16", "ref-contiguous"} <= set(ALL_MODELS)
+    size = (32, 48, 64)
+    conv16, ref = meta_pass("conv16", size, train=False, amp=False), meta_pass("ref", size, train=False, amp=False)
+    assert conv16["flops"] == 557_280 * 32 * 48 * 64
+    assert 1.0 < conv16["flops"] / ref["flops"] < 1.02
+    assert meta_pass("ref-contiguous", size, train=False, amp=False)["flops"] == ref["flops"]
+    with torch.no_grad():
+        assert build_model("conv16")(torch.rand(1, 2, 8, 9, 10)).shape == (1, 3, 8, 9, 10)
+    assert build_model("ref").channels_last and not build_model("ref-contiguous").channels_last
+    assert not build_model("RAn4-contiguous").channels_last
 
 
 def test_peer_models_and_meta_pass(scripts_on_path):
@@ -90,4 +146,5 @@ def test_estimate_only_reports_tensors_without_running(repo_root):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = _table_rows(proc.stdout)["ref"]
     assert row["time/pair (s)"] == "not run" and row["train step (s)"] == "not run"
+    assert row["GFLOP/s"] == "–" and row["train GFLOP/s"] == "–" and row["train GFLOP/s / conv16"] == "n/a"
     assert float(row["train tensors (GiB)"]) > float(row["tensors (GiB)"]) > 0
