@@ -1,142 +1,109 @@
-"""MONAI Deploy application: register a moving NIfTI image to a fixed one with the RAN bundle.
+"""MONAI Deploy application: register a moving NIfTI image to a fixed one with the RAN bundle's pipeline.
 
 Operators (a Holoscan graph, run on CPU or GPU)::
 
-    PairLoaderOperator --image--> RegistrationBundleInferenceOperator --pred--> RegistrationWriterOperator
-            \\-----------------------------------pair---------------------------------------/
+    PairInputOperator --pair--> RegistrationOperator --registration--> RegistrationWriterOperator
 
-1. :class:`PairLoaderOperator` reads ``fixed.nii[.gz]`` and ``moving.nii[.gz]`` from the input folder and
-   applies the bundle's own ``preprocessing`` item, parsed from the ``inference.json`` embedded in the
-   exported model (``models/model.ts``), so the pair is prepared exactly as
-   ``python -m monai.bundle run inference --config_file configs/inference.json`` prepares it. It sends the
-   network input ``image`` ``(2, *S)`` (moving and fixed stacked as channels) and the pair itself.
-2. :class:`RegistrationBundleInferenceOperator` is MONAI Deploy's ``MonaiBundleInferenceOperator`` running
-   the exported bundle (the TorchScript ``model.ts`` with its embedded ``metadata.json``): it feeds the
-   metadata input ``image`` to the network and sends the metadata output ``pred``, the DDF ``(3, *S)``.
-3. :class:`RegistrationWriterOperator` writes, on the preprocessed fixed grid and with its affine (what
-   ``inference.json`` writes): ``warped.nii.gz`` (moving image warped onto the fixed grid, float32) and
-   ``ddf.nii.gz`` (displacement field in mm, ITK's convention, see :mod:`ran_bundle.fields`).
+1. :class:`PairInputOperator` finds ``fixed.nii[.gz]`` and ``moving.nii[.gz]`` (and, when present,
+   ``fixed_label.nii[.gz]`` and ``moving_label.nii[.gz]``) in the input folder and sends their paths.
+2. :class:`RegistrationOperator` runs :meth:`ran_bundle.pipeline.RegistrationPipeline.register` on them,
+   the same steps as ``ran-register`` and ``configs/inference.json``: check the inputs, affine stage
+   (SimpleITK), resampling onto the network grid (the fixed image's foreground at ``--spacing`` mm),
+   the network, instance optimisation of the field, and the whole mapping on the fixed image's grid.
+   The network is the exported TorchScript bundle ``models/model.ts`` (``-m``), loaded with
+   ``torch.jit.load``: no ``ran_bundle`` network code runs at inference; the pipeline itself comes from the
+   ``ran_bundle`` package installed in the app's environment.
+3. :class:`RegistrationWriterOperator` writes the pipeline's outputs into the output folder, as
+   ``ran-register --out`` does (:class:`ran_bundle.outputs.OutputFolder`: checked before any work, locked,
+   only this run's files): ``warped.nii.gz``, ``ddf.nii.gz`` (ONE ITK displacement field, the whole
+   mapping, affine included), ``affine.tfm``, ``jacobian.nii.gz``, ``warped_label.nii.gz`` with a moving
+   label, ``inverse_ddf.nii.gz`` with ``--inverse``, and ``report.json``.
 
 Run (in the environment made by ``scripts/make_deploy_env.sh``)::
 
-    python deploy/app.py -i INPUT_DIR -o OUTPUT_DIR -m models/model.ts [--intensity mr] [--spacing 2]
+    python deploy/app.py -i INPUT_DIR -o OUTPUT_DIR -m models/model.ts [--intensity mr] [--spacing 2] ...
 
 ``-i``/``-o``/``-m`` are the MONAI Deploy App SDK's options (also ``HOLOSCAN_INPUT_PATH``,
-``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_MODEL_PATH``); ``--intensity`` and ``--spacing`` override the
-bundle config keys of the same names (default: the values in the embedded ``inference.json``).
+``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_MODEL_PATH``). This app's own options (defaults: those of
+:class:`~ran_bundle.pipeline.RegistrationPipeline`, which match the shipped brain MR weights) are listed by
+``--help``. A bad option, input file or output folder stops the app before any work with one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import numpy as np
 import torch
 from monai.deploy.conditions import CountCondition
-from monai.deploy.core import AppContext, Application, Fragment, IOType, Operator, OperatorSpec
-from monai.deploy.operators.monai_bundle_inference_operator import (
-    IOMapping,
-    MonaiBundleInferenceOperator,
-    get_bundle_config,
-)
+from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
 
-from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import warp_image, write_displacement_nifti, write_image_atomic
-from ran_bundle.register import INTENSITIES, parse_spacing
+from ran_bundle.checks import InputError
+from ran_bundle.outputs import OutputFolder, write_json
+from ran_bundle.pipeline import INTENSITIES, Registration, RegistrationPipeline, resolve_device
 
-MOVING, FIXED = PAIR_KEYS[:2]
+#: file stems looked for in the input folder (the labels are optional)
+INPUT_STEMS = ("fixed", "moving", "fixed_label", "moving_label")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+TOOL = "ran-deploy-app"
 
 logger = logging.getLogger(__name__)
 
 
-def find_nifti(folder: Path, stem: str) -> Path:
-    """``folder/<stem>.nii.gz`` or ``folder/<stem>.nii``.
+def find_nifti(folder: Path, stem: str, required: bool = True) -> Path | None:
+    """``folder/<stem>.nii.gz`` or ``folder/<stem>.nii``; ``None`` when neither exists and not ``required``.
 
     Raises:
-        FileNotFoundError: neither exists (the message names both).
+        InputError: a required file is missing (the message names both names looked for).
     """
     for suffix in NIFTI_SUFFIXES:
         path = folder / f"{stem}{suffix}"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"input folder {folder} has no {stem}.nii.gz or {stem}.nii.")
+    if required:
+        raise InputError(f"input folder {folder} has no {stem}.nii.gz or {stem}.nii.")
+    return None
 
 
-class PairLoaderOperator(Operator):
-    """Read the fixed and moving NIfTI files and preprocess them with the bundle's ``preprocessing``.
+def find_inputs(folder: str | os.PathLike) -> dict[str, str]:
+    """The input files of a registration in ``folder``: ``{"fixed", "moving"[, "fixed_label", "moving_label"]}``.
+
+    Raises:
+        InputError: ``folder`` is not a folder, or ``fixed``/``moving`` is missing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"-i {folder}: not a folder.")
+    found = {stem: find_nifti(folder, stem, required=stem in ("fixed", "moving")) for stem in INPUT_STEMS}
+    return {stem: str(path) for stem, path in found.items() if path is not None}
+
+
+def load_torchscript(path: str | os.PathLike, device: torch.device) -> torch.jit.ScriptModule:
+    """The exported bundle network (``models/model.ts``) in eval mode on ``device``.
+
+    Raises:
+        InputError: ``path`` is not a file or not a TorchScript archive.
+    """
+    if not Path(path).is_file():
+        raise InputError(f"-m {path}: not a file; expected the exported bundle, e.g. models/model.ts.")
+    try:
+        return torch.jit.load(os.fspath(path), map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"-m {path}: cannot load it as a TorchScript model ({first}).") from None
+
+
+class PairInputOperator(Operator):
+    """Find the pair's files in the input folder (``-i``).
 
     Named outputs:
-        image: ``(2, *S)`` float32 ``MetaTensor``, channel 0 = moving, channel 1 = fixed (the network input
-            ``network_data_format.inputs.image``), every size of ``S`` a multiple of 16.
-        pair: ``{"moving_image": (1, *S), "fixed_image": (1, *S)}`` preprocessed ``MetaTensor`` s; the
-            fixed one's ``.affine`` is the RAS voxel-to-world matrix of the output grid.
-
-    Args:
-        fragment: the application.
-        app_context: gives the input folder (``-i``) and the bundle (``-m``).
-        overrides: bundle config values to set before parsing ``preprocessing`` (e.g. ``{"intensity": "mr"}``).
-    """
-
-    def __init__(
-        self, fragment: Fragment, *args: Any, app_context: AppContext, overrides: dict[str, Any], **kwargs: Any
-    ) -> None:
-        self.app_context = app_context
-        self.overrides = overrides
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.output("image")
-        spec.output("pair")
-
-    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        folder = Path(self.app_context.input_path)
-        files = {MOVING: str(find_nifti(folder, "moving")), FIXED: str(find_nifti(folder, "fixed"))}
-        parser = get_bundle_config(self.app_context.model_path, "inference")
-        for key, value in self.overrides.items():
-            parser[key] = value
-        pair = parser.get_parsed_content("preprocessing")(files)
-        pair = {key: pair[key] for key in (MOVING, FIXED)}
-        logger.info("preprocessed %s -> %s: shape %s", files[MOVING], files[FIXED], tuple(pair[FIXED].shape[1:]))
-        # "PyObject": send the MetaTensors as they are (Holoscan would convert tensors to its own type)
-        op_output.emit(torch.cat([pair[MOVING], pair[FIXED]], dim=0), "image", "PyObject")
-        op_output.emit(pair, "pair", "PyObject")
-
-
-class RegistrationBundleInferenceOperator(MonaiBundleInferenceOperator):
-    """``MonaiBundleInferenceOperator`` exchanging tensors with the operators of this app.
-
-    The stock operator maps the metadata type ``image`` to the SDK's ``Image``: inputs are converted from
-    it and outputs become single-channel ``uint8`` ``(D, H, W)`` volumes for DICOM SEG writers, which would
-    destroy a float32 3-channel displacement field. Here ``image`` maps to ``torch.Tensor``: the input
-    ``image`` is used as received and the output ``pred`` is sent as a float32 numpy array ``(3, *S)``.
-
-    The pair arrives already preprocessed by the bundle's own ``preprocessing`` (:class:`PairLoaderOperator`;
-    that pipeline reads two images, the network takes their stack), so :meth:`pre_process` passes it on.
-    """
-
-    known_io_data_types = {**MonaiBundleInferenceOperator.known_io_data_types, "image": torch.Tensor}
-
-    def pre_process(self, data: Any, *args: Any, **kwargs: Any) -> Any:
-        """Return ``data`` (``{"image": (2, *S)}``) unchanged."""
-        return data
-
-
-class RegistrationWriterOperator(Operator):
-    """Write the warped moving image and the displacement field as NIfTI on the fixed grid.
-
-    Named inputs:
-        pred: ``(3, *S)`` float32 DDF in voxels of the preprocessed fixed grid
-            (``warped(x) = moving(x + pred(x))``).
-        pair: the preprocessed pair of :class:`PairLoaderOperator`.
-
-    Files (in the output folder ``-o``): ``warped.nii.gz`` and ``ddf.nii.gz``, as the bundle's
-    ``RegistrationWriter`` writes ``<pair>_warped.nii.gz`` and ``<pair>_ddf.nii.gz``.
+        pair: ``{"fixed": path, "moving": path[, "fixed_label": path, "moving_label": path]}``.
     """
 
     def __init__(self, fragment: Fragment, *args: Any, app_context: AppContext, **kwargs: Any) -> None:
@@ -144,67 +111,187 @@ class RegistrationWriterOperator(Operator):
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        spec.input("pred")
-        spec.input("pair")
+        spec.output("pair")
 
     def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
-        ddf = torch.as_tensor(np.asarray(op_input.receive("pred")), dtype=torch.float32)[None]  # (1, 3, *S)
+        pair = find_inputs(self.app_context.input_path)
+        logger.info("inputs: %s", pair)
+        op_output.emit(pair, "pair", "PyObject")
+
+
+class RegistrationOperator(Operator):
+    """Register the pair with :meth:`RegistrationPipeline.register` (affine, network, instance optimisation,
+    whole mapping on the fixed grid).
+
+    Named inputs:
+        pair: the paths of :class:`PairInputOperator`.
+
+    Named outputs:
+        registration: the :class:`~ran_bundle.pipeline.Registration` (fields and warped images as tensors on the
+            fixed image's grid, figures, warnings, timings).
+
+    Args:
+        pipeline: the configured pipeline (its network: the TorchScript bundle).
+    """
+
+    def __init__(self, fragment: Fragment, *args: Any, pipeline: RegistrationPipeline, **kwargs: Any) -> None:
+        self.pipeline = pipeline
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("pair")
+        spec.output("registration")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
         pair = op_input.receive("pair")
-        affine = pair[FIXED].affine
-        out = Path(self.app_context.output_path)
-        out.mkdir(parents=True, exist_ok=True)
-        warped = warp_image(pair[MOVING][None].float(), ddf)  # (1, 1, *S)
-        write_image_atomic(warped[0, 0].numpy(), affine, out / "warped.nii.gz", "float32")
-        write_displacement_nifti(ddf.numpy(), affine, out / "ddf.nii.gz")
-        logger.info("wrote %s and %s", out / "warped.nii.gz", out / "ddf.nii.gz")
+        registration = self.pipeline.register(
+            pair["fixed"], pair["moving"], pair.get("fixed_label"), pair.get("moving_label")
+        )
+        op_output.emit(registration, "registration", "PyObject")
+
+
+class RegistrationWriterOperator(Operator):
+    """Write the registration's files and its report into the output folder (``-o``).
+
+    Named inputs:
+        registration: the :class:`~ran_bundle.pipeline.Registration` of :class:`RegistrationOperator`.
+
+    Args:
+        pipeline: the pipeline that made the registration (its :meth:`~RegistrationPipeline.write` and
+            :meth:`~RegistrationPipeline.report`).
+        folder: the output folder, already acquired (checked and locked) by :func:`main`.
+        arguments: the app's options, recorded in ``report.json``.
+    """
+
+    def __init__(
+        self,
+        fragment: Fragment,
+        *args: Any,
+        pipeline: RegistrationPipeline,
+        folder: OutputFolder,
+        arguments: dict[str, Any],
+        **kwargs: Any,
+    ) -> None:
+        self.pipeline = pipeline
+        self.folder = folder
+        self.arguments = arguments
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("registration")
+
+    def compute(self, op_input: Any, op_output: Any, context: Any) -> None:
+        registration: Registration = op_input.receive("registration")
+        with self.folder.stage() as staging:
+            outputs = self.pipeline.write(registration, staging)
+            write_json(staging / outputs["report"], self.pipeline.report(registration, outputs, self.arguments))
+        logger.info("wrote %s into %s", ", ".join(self.folder.written), self.folder.path)
 
 
 class RegistrationApp(Application):
-    """Deformable registration of a moving to a fixed NIfTI image with the RAN bundle.
+    """Deformable registration of ``moving`` to ``fixed`` with the RAN bundle's pipeline.
 
     Args:
         argv: the script and the MONAI Deploy App SDK's options (``-i``, ``-o``, ``-m``, ``-l``, ...).
-        overrides: bundle config values for the preprocessing (keys ``intensity``, ``spacing``).
+        pipeline: the configured pipeline.
+        folder: the acquired output folder.
+        arguments: the app's options, for the report.
     """
 
-    def __init__(self, argv: Sequence[str], overrides: dict[str, Any]) -> None:
-        self.overrides = overrides
+    def __init__(
+        self, argv: Sequence[str], pipeline: RegistrationPipeline, folder: OutputFolder, arguments: dict[str, Any]
+    ) -> None:
+        self.pipeline = pipeline
+        self.folder = folder
+        self.arguments = arguments
         super().__init__([sys.executable, *argv])  # Holoscan drops the interpreter: ``self.argv`` is ``argv``
 
     def compose(self) -> None:
         app_context = Application.init_app_context(self.argv)
-        if not Path(app_context.model_path).is_file():
-            raise ValueError(f"-m {app_context.model_path}: expected the exported bundle, e.g. models/model.ts.")
-        loader = PairLoaderOperator(
-            self, CountCondition(self, 1), app_context=app_context, overrides=self.overrides, name="pair_loader"
+        inputs = PairInputOperator(self, CountCondition(self, 1), app_context=app_context, name="pair_input")
+        register = RegistrationOperator(self, pipeline=self.pipeline, name="registration")
+        writer = RegistrationWriterOperator(
+            self, pipeline=self.pipeline, folder=self.folder, arguments=self.arguments, name="writer"
         )
-        infer = RegistrationBundleInferenceOperator(
-            self,
-            app_context=app_context,
-            input_mapping=[IOMapping("image", torch.Tensor, IOType.IN_MEMORY)],
-            output_mapping=[IOMapping("pred", torch.Tensor, IOType.IN_MEMORY)],
-            name="bundle_inference",
-        )
-        writer = RegistrationWriterOperator(self, app_context=app_context, name="writer")
-        self.add_flow(loader, infer, {("image", "image")})
-        self.add_flow(infer, writer, {("pred", "pred")})
-        self.add_flow(loader, writer, {("pair", "pair")})
+        self.add_flow(inputs, register, {("pair", "pair")})
+        self.add_flow(register, writer, {("registration", "registration")})
+
+
+def app_parser() -> argparse.ArgumentParser:
+    """This app's own options (the SDK's ``-i``, ``-o``, ``-m``, ``-l`` pass through)."""
+    p = argparse.ArgumentParser(
+        prog="deploy/app.py", description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False
+    )
+    p.add_argument("--help", action="help", help="this app's options (-i IN -o OUT -m model.ts are the SDK's)")
+    p.add_argument("--intensity", choices=INTENSITIES, default="mr", help="intensity scaling (default mr)")
+    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: 1 or 3 numbers")
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage")
+    p.add_argument("--io-iterations", nargs=2, type=int, default=(30, 40), metavar=("HALF", "FULL"))
+    p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation")
+    p.add_argument("--io-weight", type=float, default=10.0)
+    p.add_argument("--io-fold-weight", type=float, default=50.0)
+    p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _sdk_paths(argv: Sequence[str]) -> tuple[str, str, str]:
+    """The input folder, output folder and model path that the SDK's ``AppContext`` will hold: its options
+    (``-i``, ``-o``, ``-m``, parsed by its own parser, which creates a missing output folder) or, failing
+    those, its environment variables and defaults (:class:`monai.deploy.core.RuntimeEnv`)."""
+    from monai.deploy.core import RuntimeEnv, parse_args
+
+    args, env = parse_args(list(argv)), RuntimeEnv()  # argv[0]: the script, as in compose()
+    return (
+        os.fspath(args.input or env.input),
+        os.fspath(args.output or env.output),
+        os.fspath(args.model or env.model),
+    )
+
+
+def _fail(message: Any, status: int = 2) -> NoReturn:
+    print(f"{TOOL}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse this app's options (``--intensity``, ``--spacing``), hand the rest to the SDK and run."""
+    """Check this app's options, the inputs, the model and the output folder, then run the application.
+
+    Exit status 2 with one line on stderr for a bad option, input, model or output folder (before any work),
+    1 when the registration itself failed (the log says why; nothing is written)."""
     argv = list(sys.argv if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], add_help=False)
-    parser.add_argument("--intensity", choices=INTENSITIES, help="bundle key 'intensity' (default: the config's)")
-    parser.add_argument("--spacing", nargs="+", help="bundle key 'spacing' in mm: 'none', 1 or 3 numbers")
-    own, rest = parser.parse_known_args(argv[1:])
-    overrides: dict[str, Any] = {}
-    if own.intensity is not None:
-        overrides["intensity"] = own.intensity
-    if own.spacing is not None:
-        spacing = parse_spacing(" ".join(own.spacing))
-        overrides["spacing"] = None if spacing is None else list(spacing)
-    RegistrationApp([argv[0], *rest], overrides).run()
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    own, rest = app_parser().parse_known_args(argv[1:])
+    try:
+        input_path, output_path, model_path = _sdk_paths([argv[0], *rest])
+        files = find_inputs(input_path)  # a missing folder or file is refused before any work
+        device = resolve_device(own.device)
+        pipeline = RegistrationPipeline(
+            weights=model_path,
+            device=str(device),
+            spacing=" ".join(own.spacing),
+            intensity=own.intensity,
+            affine=own.affine,
+            io_iterations=(0, 0) if own.no_io else tuple(own.io_iterations),
+            io_weight=own.io_weight,
+            io_fold_weight=own.io_fold_weight,
+            inverse=own.inverse,
+            progress=not own.quiet,
+            network=load_torchscript(model_path, device),
+        )
+        pipeline.check_inputs(files["fixed"], files["moving"], files.get("fixed_label"), files.get("moving_label"))
+        folder = OutputFolder(output_path, tool=TOOL).acquire()
+    except InputError as e:
+        _fail(e)
+    arguments = {**vars(own), "input": input_path, "output": output_path, "model": model_path}
+    try:
+        RegistrationApp([argv[0], *rest], pipeline, folder, arguments).run()
+    finally:
+        folder.release()
+    if not folder.written:  # Holoscan logs an operator's exception and stops the graph
+        _fail("the registration failed; nothing was written (see the log above).", status=1)
+    logger.info("done in %.1f s: %s", sum(pipeline.timings.values()), output_path)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,16 @@
-"""The MONAI Deploy application ``deploy/app.py``, end to end, against ``configs/inference.json``.
+"""The MONAI Deploy application ``deploy/app.py``, end to end, against :class:`RegistrationPipeline` in-process.
 
 The app runs in its own virtual environment (``bash scripts/make_deploy_env.sh``: the MONAI Deploy App
 SDK stays out of the main one), found through ``RAN_DEPLOY_PYTHON`` (default
-``deploy/.venv/bin/python``); the test skips, naming the script, when that python does not exist.
+``deploy/.venv/bin/python``); the tests skip, naming the script, when that python does not exist.
 
-The pair is the OASIS brain pair of ``../shared/data`` (``conftest.shared_data``; skipped when absent):
-subject B (moving) registered to subject A (fixed) with the shipped weights. To keep the test fast on
-2 CPU cores, both images are first resampled (SimpleITK, linear) to central 48 x 48 x 32 grids of 4 mm,
-already RAS and divisible by 16, so the bundle's preprocessing neither resamples nor pads and its
-output grid is the fixed file's grid. The same files then go through
-
-* the app: ``python deploy/app.py -i IN -o OUT -m models/model.ts --intensity mr`` (the exported
-  TorchScript bundle through MONAI Deploy's ``MonaiBundleInferenceOperator``), and
-* the bundle: ``python -m monai.bundle run inference --config_file configs/inference.json
-  --intensity mr`` (the checkpoint ``models/model.pt`` in eager PyTorch),
-
-and the warped images and displacement fields must agree within :data:`TOLERANCE` on the same affine.
+The pair is two Mindboggle brains of ``../shared/data`` (``conftest.shared_data``; skipped when absent):
+subject 01 (moving, with its labels) registered to subject 14 (fixed, with its labels), both resampled to
+3 mm so that the test stays short on 2 CPU cores, with a 3 mm network grid and 5 + 5 instance-optimisation
+iterations. The app registers the pair with the exported TorchScript network ``models/model.ts``; then the
+same pipeline runs in this process (the same ``model.ts`` through ``torch.jit.load``) starting from the
+affine stage the app found (its ``affine.tfm``): the affine stage's random metric sampling is not
+repeatable from run to run, so it is taken from the app, and every later step must give the same files.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,39 +25,51 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
+
+from ran_bundle.pipeline import RegistrationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY_PYTHON = Path(os.environ.get("RAN_DEPLOY_PYTHON", str(REPO / "deploy" / ".venv" / "bin" / "python")))
-SIZE = (48, 48, 32)  # voxels of the resampled pair
-SPACING = 4.0  # mm
-TOLERANCE = 1e-4  # max abs difference: mm for the DDF, intensity ([0, 1] after preprocessing) for the warped image
-TIMEOUT = 300  # s per subprocess
+MODEL_TS = REPO / "models" / "model.ts"
+SPACING = 3.0  # mm, of the resampled pair and of the network grid
+IO_ITERATIONS = (5, 5)
+TIMEOUT = 300  # s per app run
+#: (role in the app's input folder, Mindboggle subject, file)
+FILES = (
+    ("fixed", "oasis_trt_14", "image"),
+    ("fixed_label", "oasis_trt_14", "label"),
+    ("moving", "oasis_trt_01", "image"),
+    ("moving_label", "oasis_trt_01", "label"),
+)
 
 pytestmark = pytest.mark.deploy
 
 
-def resample_centre(src: Path, dst: Path) -> Path:
-    """Resample ``src`` (linear) to :data:`SIZE` voxels of :data:`SPACING` mm centred on its centre."""
+def resample(src: Path, dst: Path, label: bool) -> Path:
+    """Resample ``src`` to :data:`SPACING` mm over the same extent (linear; nearest neighbour, int16, for labels)."""
     img = sitk.ReadImage(str(src))
-    ref = sitk.Image(list(SIZE), img.GetPixelID())
+    if label:
+        img = sitk.Cast(img, sitk.sitkInt16)
+    size = [round(n * s / SPACING) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=True)]
+    ref = sitk.Image(size, img.GetPixelID())
     ref.SetSpacing([SPACING] * 3)
     ref.SetDirection(img.GetDirection())
-    centre = np.asarray(img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()]))
-    half = np.reshape(img.GetDirection(), (3, 3)) @ ((np.asarray(SIZE) - 1) * SPACING / 2)
-    ref.SetOrigin(tuple(centre - half))
-    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0), str(dst))
+    ref.SetOrigin(img.GetOrigin())
+    mode = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), mode, 0), str(dst))
     return dst
 
 
-def run(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``args`` with one OpenMP thread; fail the test with the output's tail unless it exits with 0."""
+def run_app(deploy_python: Path, args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``deploy/app.py *args`` in the deploy environment with one OpenMP thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(args[:3])} ... failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-5000:]}")
-    return proc, seconds
+    proc = subprocess.run(
+        [str(deploy_python), str(REPO / "deploy" / "app.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    return proc, time.perf_counter() - start
 
 
 @pytest.fixture(scope="module")
@@ -78,57 +84,83 @@ def deploy_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair_dir(shared_data: Path, tmp_path_factory) -> Path:
-    """Folder holding ``moving.nii.gz`` (OASIS B) and ``fixed.nii.gz`` (OASIS A), resampled (see module doc)."""
-    src = shared_data / "oasis_brain_mr"
-    if not (src / "lapirn_image_A" / "image.nii.gz").is_file():
-        pytest.skip(f"OASIS pair not found under {src}")
+def pair_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding ``fixed``, ``fixed_label``, ``moving``, ``moving_label`` ``.nii.gz`` (see the module doc)."""
+    src = shared_data / "mindboggle_oasis_trt20"
+    if not all((src / subject / f"{name}.nii.gz").is_file() for _, subject, name in FILES):
+        pytest.skip(f"Mindboggle subjects 01 and 14 not found under {src}")
     out = tmp_path_factory.mktemp("deploy_pair")
-    for role, subject in (("fixed", "lapirn_image_A"), ("moving", "lapirn_image_B")):
-        resample_centre(src / subject / "image.nii.gz", out / f"{role}.nii.gz")
+    for role, subject, name in FILES:
+        resample(src / subject / f"{name}.nii.gz", out / f"{role}.nii.gz", label=name == "label")
     return out
 
 
-def test_app_matches_inference_json(deploy_python: Path, pair_dir: Path, tmp_path: Path) -> None:
-    app_out, ref_out = tmp_path / "app", tmp_path / "bundle"
-    _, app_s = run(
-        [
-            str(deploy_python), str(REPO / "deploy" / "app.py"),
-            "-i", str(pair_dir), "-o", str(app_out), "-m", str(REPO / "models" / "model.ts"), "--intensity", "mr",
-        ],
-        cwd=tmp_path,
-    )  # fmt: skip
-    datalist = tmp_path / "datalist.json"
-    subjects = [{"image": str(pair_dir / f"{role}.nii.gz")} for role in ("moving", "fixed")]
-    datalist.write_text(json.dumps({"test": subjects, "test_pairs": [[0, 1]]}))
-    _, ref_s = run(
-        [
-            sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
-            "--datalist", str(datalist), "--pairs_key", "test_pairs", "--intensity", "mr",
-            "--output_dir", str(ref_out),
-        ],
-        cwd=REPO,
-    )  # fmt: skip
+def test_app_matches_the_pipeline_in_process(deploy_python: Path, pair_dir: Path, tmp_path: Path) -> None:
+    app_out, ref_out = tmp_path / "app", tmp_path / "in_process"
+    options = ["--spacing", str(SPACING), "--io-iterations", *map(str, IO_ITERATIONS), "--device", "cpu", "--quiet"]
+    proc, app_s = run_app(
+        deploy_python, ["-i", str(pair_dir), "-o", str(app_out), "-m", str(MODEL_TS), *options], tmp_path
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
 
-    fixed = nib.load(str(pair_dir / "fixed.nii.gz"))
-    warped, warped_ref = (
-        nib.load(str(p)) for p in (app_out / "warped.nii.gz", ref_out / "moving_to_fixed_warped.nii.gz")
+    start = time.perf_counter()
+    pipeline = RegistrationPipeline(
+        weights=MODEL_TS,
+        network=torch.jit.load(str(MODEL_TS), map_location="cpu").eval(),
+        device="cpu",
+        spacing=SPACING,
+        affine="none",
+        initial_transform=app_out / "affine.tfm",  # the app's affine stage (see the module doc)
+        io_iterations=IO_ITERATIONS,
+        progress=False,
     )
-    ddf, ddf_ref = (
-        sitk.GetArrayFromImage(sitk.ReadImage(str(p), sitk.sitkVectorFloat64))
-        for p in (app_out / "ddf.nii.gz", ref_out / "moving_to_fixed_ddf.nii.gz")
+    registration = pipeline.register(
+        *(pair_dir / f"{role}.nii.gz" for role in ("fixed", "moving", "fixed_label", "moving_label"))
     )
-    ddf_affines = [nib.load(str(p)).affine for p in (app_out / "ddf.nii.gz", ref_out / "moving_to_fixed_ddf.nii.gz")]
-    warped_diff = float(np.abs(warped.get_fdata() - warped_ref.get_fdata()).max())
-    ddf_diff = float(np.abs(ddf - ddf_ref).max())
+    ref_out.mkdir()
+    names = pipeline.write(registration, ref_out)
+    ref_s = time.perf_counter() - start
+
+    files = sorted(p.name for p in app_out.iterdir())
+    assert (
+        files
+        == sorted(names.values())
+        == sorted(
+            ["warped.nii.gz", "ddf.nii.gz", "affine.tfm", "jacobian.nii.gz", "warped_label.nii.gz", "report.json"]
+        )
+    )
+    fixed = nib.load(pair_dir / "fixed.nii.gz")
+    diffs = {}
+    for name in files:
+        if not name.endswith(".nii.gz"):
+            continue
+        app_img, ref_img = nib.load(app_out / name), nib.load(ref_out / name)
+        assert app_img.shape[:3] == fixed.shape, name  # on the fixed image's own grid
+        np.testing.assert_allclose(app_img.affine, fixed.affine, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(ref_img.affine, fixed.affine, atol=1e-5, err_msg=name)
+        diffs[name] = float(np.abs(app_img.get_fdata() - ref_img.get_fdata()).max())
+    report = json.loads((app_out / "report.json").read_text())
+    dice = report["field"]["dice"]
     print(
-        f"\nMONAI Deploy app {app_s:.1f} s, monai.bundle run inference {ref_s:.1f} s; grid {SIZE} at {SPACING} mm; "
-        f"max |warped - ref| = {warped_diff:.2e}, max |ddf - ref| = {ddf_diff:.2e} mm "
-        f"(mean |ddf| {np.abs(ddf_ref).mean():.2f} mm); tolerance {TOLERANCE:g}"
+        f"\nMONAI Deploy app {app_s:.1f} s, pipeline in-process {ref_s:.1f} s (from the app's affine); grid "
+        f"{list(fixed.shape)} at {SPACING} mm; max |app - in-process| per file: {diffs}; app's mean Dice (labels "
+        f">= 100 voxels) {dice['mean_affine_100']:.4f} affine only, {dice['mean_registered_100']:.4f} registered"
     )
-    assert warped.shape == warped_ref.shape == fixed.shape and warped.get_data_dtype() == np.float32
-    assert ddf.shape == ddf_ref.shape == (*SIZE[::-1], 3)
-    assert np.abs(ddf_ref).mean() > 0.1  # a field that moves voxels, so the comparison means something
-    for affine in (warped.affine, warped_ref.affine, *ddf_affines):
-        np.testing.assert_allclose(affine, fixed.affine, atol=1e-5)
-    assert warped_diff <= TOLERANCE and ddf_diff <= TOLERANCE
+    assert report["network"]["weights"] == str(MODEL_TS)
+    assert report["field"]["displacement_mm_mean"] > 1.0  # a field that moves voxels: the comparison means something
+    assert diffs["ddf.nii.gz"] <= 1e-4 and diffs["jacobian.nii.gz"] <= 1e-4 and diffs["warped.nii.gz"] <= 1e-3
+    assert diffs["warped_label.nii.gz"] == 0.0
+    assert dice["mean_registered_100"] == pytest.approx(registration.stats["dice"]["mean_registered_100"], abs=1e-6)
+    assert dice["mean_registered_100"] > dice["mean_affine_100"]
+
+
+def test_app_refuses_a_missing_input_before_any_work(deploy_python: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "fixed.nii.gz").write_bytes(b"")  # never read: moving.nii.gz is missing
+    out = tmp_path / "out"
+    proc, _ = run_app(deploy_python, ["-i", str(inputs), "-o", str(out), "-m", str(MODEL_TS)], tmp_path)
+    assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ran-deploy-app: error:") and "moving.nii.gz" in last and str(inputs) in last
+    assert not out.exists() or not any(out.iterdir())  # the SDK's option parser may create the empty folder
