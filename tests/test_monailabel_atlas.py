@@ -24,7 +24,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from ran_bundle.metrics import dice
-from ran_bundle.register import load_network
+from ran_bundle.pipeline import load_network
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ML_PYTHON = Path(os.environ.get("RAN_MONAILABEL_PYTHON", str(REPO_ROOT / ".venv-monailabel" / "bin" / "python")))
