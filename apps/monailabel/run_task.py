@@ -3,13 +3,16 @@
 Usage (in the MONAI Label environment, from the repository root)::
 
     .venv-monailabel/bin/python apps/monailabel/run_task.py --studies <folder of images> --image <image id> \\
-        --out label.nii.gz [--device cpu]
+        --out label.nii.gz [--device cpu] [--conf KEY VALUE ...]
 
 It builds the app from ``apps/monailabel/main.py`` with MONAI Label's own loader
 (``monailabel.interfaces.utils.app.app_instance``), checks that the task is MONAI Label's
 ``BundleInferTask``, runs ``app.infer({"model": "ran_atlas", "image": <id>})``, moves the label map
 MONAI Label wrote (a temporary file) to ``--out`` and prints a JSON summary on stdout: the task class,
-the label names, MONAI Label's latencies, and the written file's shape, affine (RAS) and label values.
+the label names, MONAI Label's latencies, the registration's figures and warnings (the ``result`` of
+``ran_bundle.atlas.PropagateAtlasLabelsd``), and the written file's shape, affine (RAS) and label values.
+``--conf KEY VALUE`` is the app's ``--conf`` (e.g. ``--conf atlas_image PATH --conf spacing 3``; see
+``main.py``).
 """
 
 from __future__ import annotations
@@ -37,9 +40,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="where to copy the label map (.nii.gz)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bundle", default=None, help="bundle root (default: the repository root)")
+    parser.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="app option (see main.py)"
+    )
     args = parser.parse_args(argv)
 
-    conf = {"bundle": args.bundle} if args.bundle else {}
+    conf = dict(args.conf)
+    if args.bundle:
+        conf["bundle"] = args.bundle
     app = app_instance(app_dir=APP_DIR, studies=os.path.realpath(args.studies), conf=conf)
     task = app._infers["ran_atlas"]
     if not isinstance(task, BundleInferTask):
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": task.bundle_config_path,
         "label_names": result["params"]["label_names"],
         "latencies": result["params"]["latencies"],
+        "result": {k: v for k, v in result["params"].items() if k not in ("label_names", "latencies", "centroids")},
         "label_file": os.path.realpath(args.out),
         "shape": list(img.shape),
         "affine": img.affine.tolist(),
