@@ -42,6 +42,7 @@ from monai.transforms import Transform
 from ran_bundle.affine import AffineResult
 from ran_bundle.checks import InputError
 from ran_bundle.pipeline import NetworkPair, PairInputs, RegistrationPipeline, voxel_ddf_to_mm
+from ran_bundle.tensors import as_plain_tensor
 
 __all__ = ["ATLAS_STATE_KEY", "AtlasState", "AtlasRegistrationd", "PropagateAtlasLabelsd", "load_label_names"]
 
@@ -191,13 +192,14 @@ class PropagateAtlasLabelsd(Transform):
             raise KeyError(f"PropagateAtlasLabelsd: data has no {ATLAS_STATE_KEY!r}; run AtlasRegistrationd first.")
         state: AtlasState = d.pop(ATLAS_STATE_KEY)
         pipeline, grid = self.pipeline, state.pair.grid
-        ddf = torch.as_tensor(d[self.pred_key]).detach().float().cpu()
+        ddf = as_plain_tensor(d[self.pred_key]).detach().float().cpu()
         ddf = ddf[None] if ddf.ndim == 4 else ddf
         ddf, _ = pipeline.optimise(state.pair, ddf)
         world = pipeline.to_world(state.inputs, state.affine, grid, voxel_ddf_to_mm(ddf, grid))
         fixed = state.inputs.fixed
         affine = torch.as_tensor(fixed.affine, dtype=torch.float64)
-        d[self.pred_key] = MetaTensor(world["warped_label"][None].to(torch.int32), affine=affine)
+        label = as_plain_tensor(world["warped_label"])[None].to(torch.int32)  # drop the sampling's metadata
+        d[self.pred_key] = MetaTensor(label, affine=affine)
         stats = world["stats"]
         result = dict(d.get("result") or {})
         result.update(
