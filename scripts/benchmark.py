@@ -34,6 +34,14 @@ What it measures, for every (model, input size) pair, batch size 1, one image pa
   same size in the same run: how close a network comes to the speed per FLOP of the convolutions this CPU runs
   well ("n/a" when ``conv16`` was not run).
 
+CPU threads and a busy machine: OpenMP's waiting threads spin by default, and when another process takes one of
+the cores a parallel region waits for a descheduled thread; convolutions with many synchronisation points (the
+weight gradient of a dilated convolution) then take 30x longer on 2 threads than on 1 (measured: 1.05 s against
+0.035 s for a 32-channel dilation-3 weight gradient at 2x32^3, with a training job on one of the two cores).
+``--omp-wait-policy passive`` runs the workers with ``OMP_WAIT_POLICY=PASSIVE`` (waiting threads sleep: 0.036 s
+there); the settings line records the policy and the 1-minute load average at the start and the end of the run,
+so that a report taken on a busy machine says so.
+
 Every measurement runs in its own subprocess so that peaks do not leak across models, with a timeout
 (``--timeout``, recorded as ``timeout``). On CPU a (model, size) whose estimated memory need (live
 tensor bytes tracked during a ``meta``-device pass, x 2 + 0.5 GB) exceeds 90% of
@@ -58,7 +66,7 @@ Usage::
     python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
         [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet conv16 ref-contiguous ...] [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
-        [--budget S] [--threads N] [--checkpointing] [--estimate-only]
+        [--budget S] [--threads N] [--checkpointing] [--estimate-only] [--omp-wait-policy inherit|passive|active]
 """
 
 from __future__ import annotations
@@ -209,6 +217,22 @@ def worker(args: argparse.Namespace) -> dict:
     return res
 
 
+def worker_env(omp_wait_policy: str) -> dict[str, str]:
+    """The measuring subprocesses' environment: this one's, with ``OMP_WAIT_POLICY`` set unless ``"inherit"``."""
+    env = dict(os.environ)
+    if omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
+    return env
+
+
+def load_average() -> str:
+    """The 1-minute load average, ``"?"`` where the platform has none."""
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except (AttributeError, OSError):
+        return "?"
+
+
 def run_worker(args: argparse.Namespace, model: str, size: str, mode: str, count_flops: bool = False) -> dict:
     """Runs :func:`worker` in a fresh subprocess; returns its result or ``{"status": ...}``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--model", model, "--size", size]
@@ -224,7 +248,10 @@ def run_worker(args: argparse.Namespace, model: str, size: str, mode: str, count
     cmd += ["--warmup", str(args.warmup)]
     if count_flops:
         cmd.append("--count-flops")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = worker_env(args.omp_wait_policy)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
+    )
     try:
         out, err = proc.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -369,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
     p.add_argument(
+        "--omp-wait-policy",
+        default="inherit",
+        choices=("inherit", "passive", "active"),
+        help="OMP_WAIT_POLICY of the workers (inherit: this environment's); passive on a busy machine",
+    )
+    p.add_argument(
         "--estimate-only",
         action="store_true",
         help="only the meta-device figures (params, GFLOPs, tensors): no real pass, seconds at any size",
@@ -398,14 +431,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--device cuda requested but CUDA is not available")
     sizes = [parse_size(s) for s in args.sizes]
     header = machine_line(args.device)
+    policy = worker_env(args.omp_wait_policy).get("OMP_WAIT_POLICY", "unset (OpenMP default: spin)")
+    load_start = load_average()
     settings = (
         f"Settings: batch 1, repeats {args.repeats} (+{args.warmup} warm-up), amp {'on' if args.amp else 'off'}, "
         f"activation checkpointing {'on' if args.checkpointing else 'off'}, "
         f"train {'on' if args.train else 'off'}, timeout {args.timeout:.0f} s, baseline {args.baseline}, "
-        f"budget {f'{args.budget:.0f} s' if args.budget > 0 else 'off'}"
+        f"budget {f'{args.budget:.0f} s' if args.budget > 0 else 'off'}, threads {args.threads or 'torch default'}, "
+        f"OMP_WAIT_POLICY {policy}"
     )
     print(header, flush=True)
     print(settings, flush=True)
+    print(f"Load: 1-minute load average {load_start} at the start", flush=True)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -423,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         "GFLOP/s: counted forward FLOPs / time per pair; train GFLOP/s: 3 x forward FLOPs / train step time "
         "(backward = 2 forward passes; checkpointing's recomputation, loss and optimiser step not counted). "
         f"GFLOP/s / {RATE_BASELINE}: ratio to {RATE_BASELINE} (plain stack of 42 16-channel 3x3x3 convolutions, "
-        "1.01x the FLOPs of ref) at the same size in the same run.",
+        "1.01x the FLOPs of ref) at the same size in the same run. Below about 36^3 PyTorch sends its batch-1 "
+        "convolutions (C x D x H <= 20480) to the slow native slow_conv3d: measure the ratio at 64^3 or more.",
         "<preset>-contiguous: the RAN preset with channels_last off (contiguous weights and activations); "
         "the presets without the suffix run in channels_last_3d (the default).",
         "skipped (needs ~X GB): estimated need (meta-device live tensors x 2 + 0.5 GB) > 90% of MemAvailable.",
@@ -435,7 +473,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def render(rows: list[dict], complete: bool) -> str:
         status = "" if complete else f"(partial: {len(rows)} of {len(sizes) * len(args.models)} measurements)"
-        report = "\n".join([header, "", settings, status, "", make_table(rows, args.baseline, args.train), "", ""])
+        load = f"Load: 1-minute load average {load_start} at the start" + (
+            f", {load_average()} at the end" if complete else ""
+        )
+        table = make_table(rows, args.baseline, args.train)
+        report = "\n".join([header, "", settings, "", load, status, "", table, "", ""])
         return report + "\n".join(f"- {n}" for n in notes) + "\n"
 
     rows: list[dict] = []

@@ -34,10 +34,12 @@ def test_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "32x32x32"]
     cmd += ["--models", "ref", "ref-contiguous", "localnet", "conv16", "--repeats", "1", "--warmup", "0"]
-    cmd += ["--threads", "1", "--out", str(out)]
+    cmd += ["--threads", "1", "--omp-wait-policy", "passive", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Machine:" in proc.stdout and "torch" in proc.stdout
+    report = out.read_text()
+    assert "OMP_WAIT_POLICY PASSIVE" in report and "at the start" in report and "at the end" in report
     rows = _table_rows(out.read_text())
     assert set(rows) == {"ref", "ref-contiguous", "localnet", "conv16"}
     for model, row in rows.items():
@@ -83,6 +85,16 @@ def test_rates_and_their_ratio_to_conv16(scripts_on_path):
     timed_out = by_model[("localnet", "64x64x64")]
     assert timed_out[col["GFLOP/s"]] == "–" and timed_out[col["GFLOP/s / conv16"]] == "n/a"
     assert by_model[("ref", "32x32x32")][col["GFLOP/s / conv16"]] == "n/a"  # no conv16 at that size
+
+
+def test_worker_environment_sets_the_omp_wait_policy(scripts_on_path, monkeypatch):
+    from scripts.benchmark import worker_env
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert worker_env("inherit")["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert worker_env("passive")["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert "OMP_WAIT_POLICY" not in worker_env("inherit")
 
 
 def test_conv16_baseline_matches_ref_flops(scripts_on_path):
