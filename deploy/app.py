@@ -44,9 +44,10 @@ import torch
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
 
-from ran_bundle.checks import InputError
+from ran_bundle.checks import InputError, resolve_device
 from ran_bundle.outputs import OutputFolder, write_json
-from ran_bundle.pipeline import INTENSITIES, Registration, RegistrationPipeline, resolve_device
+from ran_bundle.pipeline import Registration, RegistrationPipeline
+from ran_bundle.transforms import INTENSITIES
 
 #: file stems looked for in the input folder (the labels are optional)
 INPUT_STEMS = ("fixed", "moving", "fixed_label", "moving_label")

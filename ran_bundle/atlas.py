@@ -41,7 +41,8 @@ from monai.transforms import Transform
 
 from ran_bundle.affine import AffineResult
 from ran_bundle.checks import InputError
-from ran_bundle.pipeline import NetworkPair, PairInputs, RegistrationPipeline, voxel_ddf_to_mm
+from ran_bundle.fields import ddf_voxel_to_mm
+from ran_bundle.pipeline import NetworkPair, PairInputs, RegistrationPipeline
 from ran_bundle.tensors import as_plain_tensor
 
 __all__ = ["ATLAS_STATE_KEY", "AtlasState", "AtlasRegistrationd", "PropagateAtlasLabelsd", "load_label_names"]
@@ -195,7 +196,7 @@ class PropagateAtlasLabelsd(Transform):
         ddf = as_plain_tensor(d[self.pred_key]).detach().float().cpu()
         ddf = ddf[None] if ddf.ndim == 4 else ddf
         ddf, _ = pipeline.optimise(state.pair, ddf)
-        world = pipeline.to_world(state.inputs, state.affine, grid, voxel_ddf_to_mm(ddf, grid))
+        world = pipeline.to_world(state.inputs, state.affine, grid, ddf_voxel_to_mm(ddf, grid.affine))
         fixed = state.inputs.fixed
         affine = torch.as_tensor(fixed.affine, dtype=torch.float64)
         label = as_plain_tensor(world["warped_label"])[None].to(torch.int32)  # drop the sampling's metadata

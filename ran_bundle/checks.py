@@ -4,23 +4,26 @@ Every check raises :class:`InputError` (a ``ValueError``) whose message names th
 the problem, before any long work starts. Both front ends use them: the bundle configs (through
 :func:`ran_bundle.data.load_datalist` with ``check_images=True`` and
 :func:`ran_bundle.engines.check_checkpoint`) and the ``ran-register``/``ran-warp`` commands
-(:mod:`ran_bundle.register`).
+(:mod:`ran_bundle.pipeline`, :mod:`ran_bundle.cli`).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ran_bundle.fields import spacing_of
+from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 
 __all__ = [
     "InputError",
@@ -32,6 +35,9 @@ __all__ = [
     "check_subject_files",
     "read_state_dict",
     "check_state_dict_fits",
+    "parse_spacing",
+    "resolve_device",
+    "load_network",
 ]
 
 
@@ -337,3 +343,71 @@ def check_state_dict_fits(
         parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[0]})")
     if parts:
         raise InputError(f"weights {path} do not fit {target}: {', '.join(parts)}; {advice}".rstrip("; "))
+
+
+def parse_spacing(spacing: Any) -> tuple[float, float, float]:
+    """Normalise a spacing value: one number (isotropic) or three, as numbers, a sequence or a string
+    (``"2"``, ``"2,2,3"``, ``"2 2 3"``, ``"[2, 2, 3]"``).
+
+    Raises:
+        InputError: not 1 or 3 positive finite numbers.
+    """
+    raw = spacing
+    if isinstance(spacing, str):
+        spacing = [s for s in spacing.strip("[]() ").replace(",", " ").split() if s]
+    if isinstance(spacing, (int, float)):
+        spacing = [spacing]
+    try:
+        values = [float(s) for s in spacing]
+    except (TypeError, ValueError):
+        raise InputError(f"--spacing {raw!r}: expected one number or three numbers (mm).") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"--spacing {raw!r}: expected one number or three positive numbers (mm).")
+    return (values[0], values[1], values[2])
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise ``device`` checked for availability.
+
+    Raises:
+        InputError: an unknown device string, or CUDA requested where it is not available.
+    """
+    if device is None or str(device).lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
+    return dev
+
+
+def load_network(
+    weights: str | os.PathLike, preset: str = "ref", device: torch.device | str = "cpu"
+) -> ResidualAlignerNetwork:
+    """Build ``ResidualAlignerNetwork(3, preset)`` and load ``weights`` into it, in eval mode.
+
+    Args:
+        weights: a bundle checkpoint (dict whose ``"model"`` entry is the state dict) or a plain state dict;
+            a DDP ``"module."`` prefix is removed.
+        preset: the preset the weights were trained with (:data:`ran_bundle.networks.PRESETS`).
+        device: where to put the network.
+
+    Raises:
+        InputError: unknown preset, file missing, truncated or unreadable, not a state dict, or not fitting
+            the preset (missing/unexpected keys or shape mismatches, the first few named).
+    """
+    if preset not in PRESETS:
+        raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}.")
+    state = read_state_dict(weights)
+    net = ResidualAlignerNetwork(spatial_dims=3, preset=preset)
+    check_state_dict_fits(
+        state, net, os.fspath(weights), f"the RAN preset {preset!r}", "pass the --preset the weights were trained with."
+    )
+    net.load_state_dict(state)
+    return net.to(device).eval()

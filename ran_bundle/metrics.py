@@ -216,12 +216,15 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> 
     if values.size == 0:
         return {}
     index = {int(v): i + 1 for i, v in enumerate(values)}  # 0: any other value
+    low, high = int(values.min()), int(values.max())
+    table = np.zeros(high - low + 1, dtype=np.int64)  # value -> bin, by lookup (one pass, no search)
+    table[values - low] = np.arange(1, values.size + 1)
 
     def bins(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x).ravel().astype(np.int64)
-        pos = np.searchsorted(values, x)
-        pos = np.clip(pos, 0, values.size - 1)
-        return np.where(values[pos] == x, pos + 1, 0)
+        x = np.asarray(x).ravel()
+        x = x if x.dtype.kind in "iu" else np.rint(x).astype(np.int64)
+        inside = (x >= low) & (x <= high)
+        return np.where(inside, table[np.clip(x, low, high) - low], 0)
 
     n = values.size + 1
     joint = np.bincount(bins(pred) * n + bins(ref), minlength=n * n).reshape(n, n)

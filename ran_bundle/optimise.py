@@ -178,7 +178,7 @@ def optimise_field(
     losses: list[float] = []
     residual = torch.zeros_like(start)
     bar = tqdm(total=sum(iterations), desc="instance optimisation", file=sys.stderr, disable=not progress)
-    with torch.enable_grad():
+    with torch.enable_grad(), bar:
         if len(iterations) == 2 and iterations[0] > 0:
             m2, f2 = _downsample(moving), _downsample(fixed)
             start2 = _resize(start, f2.shape[2:]) * 0.5
@@ -190,7 +190,6 @@ def optimise_field(
         residual = _level(
             moving, fixed, start, residual, iterations[-1], lr, window, weight, losses, bar, fold_weight, svf
         )
-    bar.close()
     refined = _compose(start, _smooth(residual), svf)
     return OptimisationResult(refined.detach(), losses, iterations, time.perf_counter() - start_time)
 
@@ -235,7 +234,7 @@ def finetune_network(
     optimiser = torch.optim.Adam(tuned.parameters(), lr=float(lr))
     history: list[float] = []
     bar = tqdm(range(int(steps)), desc="network fine-tuning", file=sys.stderr, disable=not progress)
-    with torch.enable_grad():
+    with torch.enable_grad(), bar:
         for _ in bar:
             _, value, _ = registration_train_step(tuned, optimiser, x, loss_fn, amp=amp, device=device)
             history.append(float(value))

@@ -28,7 +28,6 @@ mapping fixed points to moving points, ITK's LPS convention in the files).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import sys
@@ -44,16 +43,25 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
-from ran_bundle.checks import InputError, Volume, check_same_grid, check_state_dict_fits, load_volume, read_state_dict
-from ran_bundle.fields import write_displacement_nifti, write_image_atomic
-from ran_bundle.metrics import dice_per_label, jacobian_determinant
-from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+from ran_bundle.checks import (
+    InputError,
+    Volume,
+    check_same_grid,
+    load_network,
+    load_volume,
+    parse_spacing,
+    resolve_device,
+)
+from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, registration_quality
+from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
+from ran_bundle.metrics import jacobian_determinant
+from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.spatial import (
     Grid,
+    apply_matrix,
     field_to_voxel_ddf,
     foreground_grid,
-    foreground_mask,
     resample_field,
     resample_to_grid,
     sample_voxels,
@@ -63,120 +71,29 @@ from ran_bundle.spatial import (
     world_to_voxel,
 )
 from ran_bundle.tensors import autocast_if
+from ran_bundle.transforms import INTENSITIES, scale_intensity
 
 __all__ = [
     "DEFAULT_WEIGHTS",
-    "INTENSITIES",
     "STEPS",
-    "parse_spacing",
-    "resolve_device",
-    "load_network",
-    "scale_intensity",
     "PairInputs",
     "NetworkPair",
     "Registration",
     "RegistrationPipeline",
-    "voxel_ddf_to_mm",
 ]
 
 logger = logging.getLogger(__name__)
 
-INTENSITIES = ("ct", "mr", "none")
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
 #: the smallest network grid that gives a meaningful field: below it the pipeline refuses
 MIN_GRID_VOXELS = 8
-CT_WINDOW = (-100.0, 300.0)
-MR_PERCENTILES = (0.5, 99.5)
 
 
 # --------------------------------------------------------------------------------------------------
 # arguments and weights
 # --------------------------------------------------------------------------------------------------
-
-
-def parse_spacing(spacing: Any) -> tuple[float, float, float]:
-    """Normalise a spacing value: one number (isotropic) or three, as numbers, a sequence or a string
-    (``"2"``, ``"2,2,3"``, ``"2 2 3"``, ``"[2, 2, 3]"``).
-
-    Raises:
-        InputError: not 1 or 3 positive finite numbers.
-    """
-    raw = spacing
-    if isinstance(spacing, str):
-        spacing = [s for s in spacing.strip("[]() ").replace(",", " ").split() if s]
-    if isinstance(spacing, (int, float)):
-        spacing = [spacing]
-    try:
-        values = [float(s) for s in spacing]
-    except (TypeError, ValueError):
-        raise InputError(f"--spacing {raw!r}: expected one number or three numbers (mm).") from None
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"--spacing {raw!r}: expected one number or three positive numbers (mm).")
-    return (values[0], values[1], values[2])
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None``/``"auto"``: CUDA when available, else CPU; otherwise ``device`` checked for availability.
-
-    Raises:
-        InputError: an unknown device string, or CUDA requested where it is not available.
-    """
-    if device is None or str(device).lower() == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(str(device))
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device!r}: expected 'cpu', 'cuda' or 'cuda:N'.")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
-    return dev
-
-
-def load_network(
-    weights: str | os.PathLike, preset: str = "ref", device: torch.device | str = "cpu"
-) -> ResidualAlignerNetwork:
-    """Build ``ResidualAlignerNetwork(3, preset)`` and load ``weights`` into it, in eval mode.
-
-    Args:
-        weights: a bundle checkpoint (dict whose ``"model"`` entry is the state dict) or a plain state dict;
-            a DDP ``"module."`` prefix is removed.
-        preset: the preset the weights were trained with (:data:`ran_bundle.networks.PRESETS`).
-        device: where to put the network.
-
-    Raises:
-        InputError: unknown preset, file missing, truncated or unreadable, not a state dict, or not fitting
-            the preset (missing/unexpected keys or shape mismatches, the first few named).
-    """
-    if preset not in PRESETS:
-        raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}.")
-    state = read_state_dict(weights)
-    net = ResidualAlignerNetwork(spatial_dims=3, preset=preset)
-    check_state_dict_fits(
-        state, net, os.fspath(weights), f"the RAN preset {preset!r}", "pass the --preset the weights were trained with."
-    )
-    net.load_state_dict(state)
-    return net.to(device).eval()
-
-
-def scale_intensity(array: np.ndarray, intensity: str) -> np.ndarray:
-    """The bundle's intensity scaling of an image on the network grid (as :func:`ran_bundle.transforms.
-    registration_transforms` does it): ``"ct"`` window [-100, 300] HU -> [0, 1]; ``"mr"`` percentiles 0.5 and
-    99.5 -> [0, 1]; both clipped; ``"none"`` unchanged."""
-    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
-
-    if intensity == "ct":
-        scaler = ScaleIntensityRange(*CT_WINDOW, b_min=0.0, b_max=1.0, clip=True)
-    elif intensity == "mr":
-        scaler = ScaleIntensityRangePercentiles(*MR_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)
-    else:
-        return array.astype(np.float32)
-    return np.asarray(scaler(array[None].astype(np.float32)))[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +352,8 @@ class RegistrationPipeline:
             affine: the affine stage.
             grid: the grid of the deformable displacement (the network grid, or any grid in fixed space).
             v_grid: ``(1, 3, *S)`` deformable displacement on ``grid`` in mm (RAS): after the affine stage, the
-                fixed point ``p`` maps to the moving point ``A(p + v(p))`` (:func:`voxel_ddf_to_mm` of a DDF).
+                fixed point ``p`` maps to the moving point ``A(p + v(p))``
+                (:func:`ran_bundle.fields.ddf_voxel_to_mm` of a DDF).
         """
         with self._step("to_world", "mapping the field onto the fixed image grid and warping"):
             v_grid = v_grid.float()
@@ -443,16 +361,22 @@ class RegistrationPipeline:
             shape_f = fixed.array.shape
             v = resample_field(v_grid, grid.affine, shape_f, fixed.affine)  # (1, 3, *F) on the fixed grid
             points = voxel_to_world(voxel_grid(shape_f, torch.float32), fixed.affine)  # (3, *F)
-            mapped = _apply_matrix(affine.matrix, points + v[0])
+            mapped = apply_matrix(affine.matrix, points + v[0])
             total = (mapped - points)[None]  # (1, 3, *F): w(p) = A(p + v(p)) - p
             coords = world_to_voxel(mapped, moving.affine)
             warped = sample_voxels(moving.tensor(), coords)[0, 0]
             warped_label = None
             if inputs.moving_label is not None:
-                warped_label = sample_voxels(_label_tensor(inputs.moving_label), coords, mode="nearest")[0, 0]
+                warped_label = sample_voxels(label_tensor(inputs.moving_label), coords, mode="nearest")[0, 0]
             jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0])
             inverse = self._inverse(inputs, affine, grid, v_grid) if self.inverse else None
-            stats, warnings = self._stats(inputs, affine, grid, jacobian, total, warped_label)
+            stats, warnings = registration_quality(
+                fixed, moving, affine.matrix, jacobian, total, grid.shape, self.spacing[0]
+            )
+            if warped_label is not None and inputs.fixed_label is not None and inputs.moving_label is not None:
+                stats["dice"] = affine_and_registered_dice(
+                    inputs.fixed_label, inputs.moving_label, affine.matrix, warped_label
+                )
         return {
             "field": total.float(),
             "jacobian": jacobian.float(),
@@ -480,79 +404,6 @@ class RegistrationPipeline:
         w_x = sample_voxels(w[None].float(), world_to_voxel(x, grid.affine), "bilinear", "border")[0].double()
         return (x + w_x - q)[None].float()
 
-    def _stats(
-        self,
-        inputs: PairInputs,
-        affine: AffineResult,
-        grid: Grid,
-        jacobian: torch.Tensor,
-        field_mm: torch.Tensor,
-        warped_label: torch.Tensor | None,
-    ) -> tuple[dict[str, Any], list[str]]:
-        fixed = inputs.fixed
-        mask = torch.from_numpy(np.asarray(foreground_mask(fixed.array)))
-        folded = int(((jacobian <= 0) & mask).sum())
-        inside = int(mask.sum())
-        extent_mm = float(np.min(np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)))
-        norm = field_mm[0].norm(dim=0)
-        stats: dict[str, Any] = {
-            "folding_region": "fixed image foreground (ran_bundle.spatial.foreground_mask)",
-            "non_positive_jacobian_count": folded,
-            "non_positive_jacobian_percent": 100.0 * folded / max(inside, 1),
-            "sdlogj": float(jacobian[mask].clamp(1e-9, 1e9).log().std(correction=0)) if inside else math.nan,
-            "displacement_mm_mean": float(norm[mask].mean()) if inside else math.nan,
-            "displacement_mm_max": float(norm.max()),
-            "affine_determinant": float(np.linalg.det(affine.matrix[:3, :3])),
-        }
-        warnings = []
-        if stats["non_positive_jacobian_percent"] > 1.0:
-            warnings.append(
-                f"{stats['non_positive_jacobian_percent']:.2f}% of the fixed foreground folds (det J <= 0): the "
-                "field is implausible there."
-            )
-        if stats["displacement_mm_max"] > extent_mm:
-            warnings.append(
-                f"the largest displacement ({stats['displacement_mm_max']:.0f} mm) exceeds the fixed image's "
-                f"smallest extent ({extent_mm:.0f} mm): check that the images show the same anatomy and overlap."
-            )
-        if min(grid.shape) <= 16 or min(np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)) < 64:
-            warnings.append(
-                f"the fixed image covers under 64 mm along an axis (network grid {list(grid.shape)} at "
-                f"{self.spacing[0]:g} mm): the network's field is unreliable on images this small."
-            )
-        overlap = _foreground_overlap(inputs, affine)
-        stats["foreground_overlap_after_affine"] = overlap
-        if overlap < 0.5:
-            warnings.append(
-                f"after the affine stage only {100 * overlap:.0f}% of the fixed foreground overlaps the moving "
-                "image's: the images may not show the same region, or a header is wrong (e.g. a flipped axis)."
-            )
-        if warped_label is not None and inputs.fixed_label is not None and inputs.moving_label is not None:
-            stats["dice"] = self._dice(inputs, affine, warped_label)
-        return stats, warnings
-
-    def _dice(self, inputs: PairInputs, affine: AffineResult, warped_label: torch.Tensor) -> dict[str, Any]:
-        """Dice per label present in the fixed label map, after the affine stage alone and after the whole
-        registration; means over all labels and over the labels of at least 100 voxels (nearest-neighbour
-        label warps on the fixed grid)."""
-        fixed_label = np.rint(inputs.fixed_label.array).astype(np.int64)  # type: ignore[union-attr]
-        fixed = inputs.fixed
-        points = voxel_to_world(voxel_grid(fixed.array.shape, torch.float32), fixed.affine)
-        coords = world_to_voxel(_apply_matrix(affine.matrix, points), inputs.moving.affine)
-        affine_only = sample_voxels(_label_tensor(inputs.moving_label), coords, "nearest")[0, 0]  # type: ignore[arg-type]
-        values, counts = np.unique(fixed_label, return_counts=True)
-        labels = [int(v) for v in values if v != 0]
-        big = {int(v) for v, c in zip(values, counts, strict=True) if v != 0 and c >= 100}
-        scores = {
-            "affine": dice_per_label(affine_only.numpy(), fixed_label, labels),
-            "registered": dice_per_label(warped_label.numpy(), fixed_label, labels),
-        }
-        out: dict[str, Any] = {"labels": {str(v): {k: scores[k][v] for k in scores} for v in labels}}
-        for name, per in scores.items():
-            out[f"mean_{name}"] = float(np.nanmean(list(per.values()))) if per else math.nan
-            out[f"mean_{name}_100"] = float(np.nanmean([per[v] for v in big])) if big else math.nan
-        return out
-
     # ---- all but writing ----
     def register(
         self,
@@ -568,7 +419,7 @@ class RegistrationPipeline:
         pair = self.preprocess(inputs, affine)
         ddf_network = self.predict(pair)
         ddf, losses = self.optimise(pair, ddf_network)
-        world = self.to_world(inputs, affine, pair.grid, voxel_ddf_to_mm(ddf, pair.grid))
+        world = self.to_world(inputs, affine, pair.grid, ddf_voxel_to_mm(ddf, pair.grid.affine))
         for warning in world["warnings"]:
             logger.warning("warning: %s", warning)
         return Registration(
@@ -683,166 +534,3 @@ class RegistrationPipeline:
                 "threads": torch.get_num_threads(),
             },
         }
-
-
-def _label_tensor(label: Volume) -> torch.Tensor:
-    """``(1, 1, *S)`` int32 tensor of a label map (float labels rounded)."""
-    arr = label.array
-    arr = arr.astype(np.int32) if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
-    return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
-
-
-def voxel_ddf_to_mm(ddf: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """A voxel DDF ``(1, 3, *S)`` on ``grid`` as a world displacement ``(1, 3, *S)`` in mm (RAS)."""
-    lin = torch.as_tensor(grid.affine[:3, :3], dtype=torch.float32)
-    return torch.einsum("ij,bj...->bi...", lin, ddf.float())
-
-
-def _apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    """``(4, 4)`` RAS matrix applied to world points ``(3, *S)``, in the points' dtype."""
-    a = torch.as_tensor(matrix, dtype=points.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
-
-
-def _foreground_overlap(inputs: PairInputs, affine: AffineResult) -> float:
-    """Fraction of the fixed foreground whose affinely mapped point falls in the moving image's foreground
-    (every 4th voxel per axis)."""
-    fixed, moving = inputs.fixed, inputs.moving
-    sub = (slice(None, None, 4),) * 3
-    mask_f = np.asarray(foreground_mask(fixed.array))[sub]
-    if not mask_f.any():
-        return 0.0
-    index = voxel_grid(fixed.array.shape)[(slice(None),) + sub]
-    mapped = _apply_matrix(affine.matrix, voxel_to_world(index, fixed.affine))
-    moving_mask = torch.from_numpy(np.asarray(foreground_mask(moving.array)).astype(np.int32))[None, None]
-    hit = sample_voxels(moving_mask, world_to_voxel(mapped, moving.affine), "nearest")[0, 0].numpy() > 0
-    return float((hit & mask_f).sum() / mask_f.sum())
-
-
-def register_pairs(
-    pipeline: RegistrationPipeline,
-    pairs: Sequence[Mapping[str, Any]],
-    output_dir: str | os.PathLike,
-    trained_with: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Register every pair of a datalist with ``pipeline`` and write each pair's outputs into ``output_dir``.
-
-    The body of ``configs/inference.json``: per pair (:func:`ran_bundle.engines.pair_name`, e.g.
-    ``s1_to_s0``) the files of :meth:`RegistrationPipeline.write` prefixed with the pair's name
-    (``s1_to_s0_warped.nii.gz``, ``_ddf.nii.gz`` (the whole mapping, affine included), ``_affine.tfm``,
-    ``_jacobian.nii.gz``, ``_warped_label.nii.gz`` when the moving label exists) and its
-    ``_report.json``; at the end ``inference_summary.csv`` (one row a pair: mean Dice over the labels of
-    at least 100 voxels after the affine stage and after the registration when both labels exist, folding,
-    seconds, warnings). The folder is taken through :class:`ran_bundle.outputs.OutputFolder`: checked and
-    locked before the first pair, and each pair's files appear together when that pair is done.
-
-    Args:
-        pipeline: the configured pipeline (its weights, spacing, intensity, affine stage, instance optimisation).
-        pairs: dicts with ``"moving_image"``, ``"fixed_image"`` and optionally ``"moving_label"``,
-            ``"fixed_label"`` file paths (:func:`ran_bundle.data.load_datalist`'s pairs).
-        output_dir: the output folder (created when missing).
-        trained_with: what the weights were trained with (``"intensity"``, ``"spacing"``, ``"data"`` in
-            words): a pipeline set up otherwise is a user's choice, so it runs, with a warning in the log and
-            in every report. Images whose values contradict ``intensity`` (CT in Hounsfield units scaled as
-            MR, or no air in images scaled as CT) are warned about too.
-
-    Returns:
-        One dict a pair: ``name``, ``files`` (role -> file name), ``dice_affine``, ``dice_registered``
-        (``None`` without both labels), ``folding_percent``, ``seconds``, ``warnings``.
-
-    Raises:
-        InputError: a pair without both images, an unwritable or busy ``output_dir``, or a bad input file
-            (the pairs before it are written).
-    """
-    import csv
-    import io
-
-    from tqdm import tqdm
-
-    from ran_bundle.engines import pair_name
-    from ran_bundle.fields import atomic_write
-    from ran_bundle.outputs import OutputFolder, write_json
-
-    for i, pair in enumerate(pairs):
-        if not all(pair.get(key) for key in ("moving_image", "fixed_image")):
-            raise InputError(f"pair {i} ({dict(pair)}): needs 'moving_image' and 'fixed_image' file paths.")
-    setup_warnings = []
-    trained = dict(trained_with or {})
-    if trained.get("intensity") not in (None, pipeline.intensity):
-        setup_warnings.append(
-            f"intensity {pipeline.intensity!r} differs from the {trained['intensity']!r} the weights "
-            f"{pipeline.weights} were trained with ({trained.get('data', 'see the model card')}): expect a poor "
-            "registration."
-        )
-    if trained.get("spacing") is not None and not np.allclose(parse_spacing(trained["spacing"]), pipeline.spacing):
-        setup_warnings.append(
-            f"network grid spacing {list(pipeline.spacing)} mm differs from the {trained['spacing']} mm the weights "
-            f"{pipeline.weights} were trained at: expect a poor registration."
-        )
-    for warning in setup_warnings:
-        logger.warning("warning: %s", warning)
-    names = [pair_name(pair["moving_image"], pair["fixed_image"]) for pair in pairs]
-    if len(set(names)) != len(names):  # same file names in several folders: number them instead
-        names = [f"pair{i:03d}_{name}" for i, name in enumerate(names)]
-    summary: list[dict[str, Any]] = []
-    with OutputFolder(output_dir, tool="monai.bundle run (configs/inference.json)", known=()) as folder:
-        for name, pair in tqdm(
-            list(zip(names, pairs, strict=True)), desc="pairs", unit="pair", file=sys.stderr,
-            disable=not pipeline.progress,
-        ):  # fmt: skip
-            logger.info("pair %s", name)
-            start = time.perf_counter()
-            registration = pipeline.register(
-                pair["fixed_image"], pair["moving_image"], pair.get("fixed_label"), pair.get("moving_label")
-            )
-            warnings = list(setup_warnings)
-            for volume in (registration.inputs.fixed, registration.inputs.moving):
-                low = float(np.min(volume.array))
-                if pipeline.intensity == "mr" and low < -500:
-                    warnings.append(
-                        f"{volume.role} {volume.path} holds values down to {low:.0f} (CT in Hounsfield units?) but "
-                        "is scaled as MR (intensity 'mr'): use weights and intensity 'ct' for CT."
-                    )
-                elif pipeline.intensity == "ct" and low > -200:
-                    warnings.append(
-                        f"{volume.role} {volume.path} has no value below -200 (no air): it does not look like CT in "
-                        "Hounsfield units, yet it is scaled as CT (intensity 'ct')."
-                    )
-            for warning in warnings[len(setup_warnings) :]:
-                logger.warning("warning: %s", warning)
-            registration.warnings[:0] = warnings
-            with folder.stage() as staging:
-                written = pipeline.write(registration, staging)
-                files = {}
-                for role, file in written.items():
-                    files[role] = f"{name}_{file}"
-                    if role != "report":
-                        os.replace(staging / file, staging / files[role])
-                arguments = {"pair": dict(pair), "name": name, "output_dir": os.fspath(output_dir)}
-                write_json(staging / files["report"], pipeline.report(registration, files, arguments))
-            dice = registration.stats.get("dice") or {}
-            summary.append(
-                {
-                    "name": name,
-                    "files": files,
-                    "dice_affine": dice.get("mean_affine_100"),
-                    "dice_registered": dice.get("mean_registered_100"),
-                    "folding_percent": registration.stats["non_positive_jacobian_percent"],
-                    "seconds": round(time.perf_counter() - start, 1),
-                    "warnings": registration.warnings,
-                }
-            )
-            if dice:
-                logger.info(
-                    "%s: mean Dice (labels of >= 100 voxels) %.4f affine only, %.4f registered",
-                    name, dice["mean_affine_100"], dice["mean_registered_100"],
-                )  # fmt: skip
-        text = io.StringIO()
-        columns = ("name", "dice_affine", "dice_registered", "folding_percent", "seconds", "warnings")
-        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in summary:
-            writer.writerow({**row, "warnings": " | ".join(row["warnings"])})
-        with folder.stage() as staging:
-            atomic_write(staging / "inference_summary.csv", lambda tmp: Path(tmp).write_text(text.getvalue()))
-    return summary

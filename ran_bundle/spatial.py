@@ -16,16 +16,17 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from ran_bundle.checks import InputError
-from ran_bundle.fields import as_affine, warp_image
+from ran_bundle.fields import as_affine
+from ran_bundle.networks.blocks import warp
 
 __all__ = [
     "RAS_TO_LPS",
     "voxel_grid",
     "world_to_voxel",
     "voxel_to_world",
+    "apply_matrix",
     "sample_voxels",
     "resample_field",
     "warp_to_grid",
@@ -64,15 +65,20 @@ def voxel_to_world(index: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     return torch.einsum("ij,j...->i...", a[:3, :3], index) + a[:3, 3].reshape(3, *([1] * (index.ndim - 1)))
 
 
+def apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """A ``(4, 4)`` RAS matrix (e.g. the affine stage's fixed -> moving map) applied to world points ``(3, *S)``,
+    in the points' dtype."""
+    a = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype)
+    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+
+
 def sample_voxels(
     image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
 ) -> torch.Tensor:
     """Sample ``image`` at continuous voxel indices: ``out(y) = image(coords(y))``.
 
-    The convention of :func:`ran_bundle.networks.blocks.warp` (``grid_sample`` with
-    ``align_corners=True``: index ``i`` is the centre of voxel ``i``), generalised to an output grid
-    that differs from the input grid. When both grids have the same shape and ``padding_mode`` is
-    ``"zeros"``, it calls :func:`ran_bundle.fields.warp_image` itself (the package's one warp).
+    :func:`ran_bundle.networks.blocks.warp` (the package's one sampling function) with the displacement
+    ``coords - y``; the output grid may differ from the input grid.
 
     Args:
         image: ``(1, C, *S_in)`` (integer dtypes allowed with ``mode="nearest"``).
@@ -85,17 +91,9 @@ def sample_voxels(
     """
     if coords.ndim == 4:
         coords = coords[None]
-    if tuple(image.shape[2:]) == tuple(coords.shape[2:]) and padding_mode == "zeros":
-        ddf = coords - voxel_grid(coords.shape[2:], coords.dtype)[None]
-        img = image if not image.is_floating_point() else image.float()
-        return warp_image(img, ddf.float(), mode=mode)
     in_dtype = image.dtype
-    img = image.float()
-    sizes = torch.tensor(image.shape[2:], dtype=torch.float64)
-    scale = (2.0 / (sizes - 1).clamp(min=1)).reshape(1, 3, 1, 1, 1)
-    grid = (coords.to(torch.float64) * scale - 1.0).float()
-    grid = grid.permute(0, 2, 3, 4, 1).flip(-1)  # (1, *S_out, 3), x-y-z order
-    out = F.grid_sample(img, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    ddf = coords.float() - voxel_grid(coords.shape[2:], torch.float32)[None]
+    out = warp(image.float(), ddf, mode=mode, padding_mode=padding_mode)
     if mode == "nearest" and not in_dtype.is_floating_point:
         out = out.round().to(in_dtype)
     return out

@@ -58,7 +58,9 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandSpatialCropd,
     ResizeWithPadOrCropd,
+    ScaleIntensityRange,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentiles,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
@@ -74,6 +76,9 @@ __all__ = [
     "LABEL_KEYS",
     "PAIR_KEYS",
     "CT_WINDOW",
+    "MR_PERCENTILES",
+    "INTENSITIES",
+    "scale_intensity",
     "RequireKeysd",
     "PadToCommonShaped",
     "AlignToReferenced",
@@ -83,8 +88,9 @@ __all__ = [
 IMAGE_KEYS = PAIR_KEYS[:2]
 LABEL_KEYS = PAIR_KEYS[2:]
 CT_WINDOW = (-100.0, 300.0)
+MR_PERCENTILES = (0.5, 99.5)
 _MODES = ("train", "eval", "infer")
-_INTENSITY = ("ct", "mr", "none")
+INTENSITIES = ("ct", "mr", "none")
 
 
 class RequireKeysd(MapTransform):
@@ -290,7 +296,7 @@ def registration_transforms(
     with_labels: bool = True,
     intensity_scale: float = 0.2,
     ct_window: Sequence[float] = CT_WINDOW,
-    mr_percentiles: Sequence[float] = (0.5, 99.5),
+    mr_percentiles: Sequence[float] = MR_PERCENTILES,
     reader: str | None = None,
     align_to: str | os.PathLike | None = None,
     align_stage: str = "affine",
@@ -334,8 +340,8 @@ def registration_transforms(
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
-    if intensity not in _INTENSITY:
-        raise ValueError(f"intensity must be one of {_INTENSITY}, got {intensity!r}.")
+    if intensity not in INTENSITIES:
+        raise ValueError(f"intensity must be one of {INTENSITIES}, got {intensity!r}.")
     if int(divisible_k) < 1:
         raise ValueError(f"divisible_k must be >= 1, got {divisible_k}.")
     k = int(divisible_k)
@@ -423,3 +429,18 @@ def registration_transforms(
     if labels:
         xforms.append(EnsureTyped(keys=labels, dtype=torch.float32, allow_missing_keys=lab_missing_ok))
     return Compose(xforms)
+
+
+def scale_intensity(array: np.ndarray, intensity: str) -> np.ndarray:
+    """The intensity scaling of :func:`registration_transforms` for one array (the registration pipeline's
+    network grid): ``"ct"`` window [-100, 300] HU -> [0, 1]; ``"mr"`` percentiles 0.5 and 99.5 -> [0, 1];
+    both clipped; ``"none"`` unchanged. A constant array (nothing in view) gives zeros."""
+    if intensity != "none" and float(array.max()) == float(array.min()):
+        return np.zeros(array.shape, np.float32)  # nothing here (e.g. no overlap): MONAI would divide by zero
+    if intensity == "ct":
+        scaler = ScaleIntensityRange(*CT_WINDOW, b_min=0.0, b_max=1.0, clip=True)
+    elif intensity == "mr":
+        scaler = ScaleIntensityRangePercentiles(*MR_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)
+    else:
+        return array.astype(np.float32)
+    return np.asarray(scaler(array[None].astype(np.float32)))[0]

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.evaluation import native_label_scores  # noqa: E402
-from ran_bundle.pipeline import RegistrationPipeline, voxel_ddf_to_mm  # noqa: E402
+from ran_bundle.fields import ddf_voxel_to_mm  # noqa: E402
+from ran_bundle.pipeline import RegistrationPipeline  # noqa: E402
 from ran_bundle.spatial import Grid, sitk_affine  # noqa: E402
 from scripts import classical  # noqa: E402
 
@@ -106,15 +107,15 @@ def main(argv: list[str] | None = None) -> None:
                 fields[method] = (native, v, s)
             elif method == "VoxelMorph" and vxm is not None:
                 ddf, s = _timed(vxm.predict, network_pair)
-                fields[method] = (network_pair.grid, voxel_ddf_to_mm(ddf, network_pair.grid), s)
+                fields[method] = (network_pair.grid, ddf_voxel_to_mm(ddf, network_pair.grid.affine), s)
             elif method in ("RAN", "RAN + IO"):
                 if "RAN" not in fields:
                     ddf, s = _timed(ran.predict, network_pair)
-                    fields["RAN"] = (network_pair.grid, voxel_ddf_to_mm(ddf, network_pair.grid), s)
+                    fields["RAN"] = (network_pair.grid, ddf_voxel_to_mm(ddf, network_pair.grid.affine), s)
                     ran_ddf, ran_s = ddf, s
                 if method == "RAN + IO":
                     (ddf_io, _), s = _timed(ran.optimise, network_pair, ran_ddf)
-                    fields[method] = (network_pair.grid, voxel_ddf_to_mm(ddf_io, network_pair.grid), ran_s + s)
+                    fields[method] = (network_pair.grid, ddf_voxel_to_mm(ddf_io, network_pair.grid.affine), ran_s + s)
         for method in args.methods:
             if method not in fields:
                 continue

@@ -23,9 +23,8 @@ def test_one_line_names_the_innermost_cause():
             raise RuntimeError("Failed to instantiate component 'ran_bundle.data.load_datalist'") from inner
     except RuntimeError as outer:
         assert isinstance(root_cause(outer), ValueError)
-        assert one_line(outer) == (
-            "ran-bundle: error: ValueError: label map x.nii.gz: holds non-integer values; a label map must hold integers."
-        )
+        expected = "label map x.nii.gz: holds non-integer values; a label map must hold integers."
+        assert one_line(outer) == f"ran-bundle: error: ValueError: {expected}"
 
 
 def test_bundle_run_with_a_bad_label_ends_with_the_problem(repo_root: Path, tiny_ct: Path, tmp_path: Path):

@@ -344,11 +344,6 @@ def test_ctrl_c_exits_130_and_leaves_nothing(interrupted):
     assert tree(interrupted["root"]) == set(), "an output, staging folder or lock was left behind"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in ran_bundle/optimise.py: the tqdm bar is not closed when the loop is interrupted, so the error "
-    "line is glued to the bar and the bar is drawn again after it at exit (see the report)",
-)
 def test_ctrl_c_message_is_the_last_line(interrupted):
     lines = interrupted["stderr"].split("\n")
     assert lines[-1] == "" and lines[-2] == f"{ERROR}interrupted; nothing was written", repr(lines[-3:])
@@ -392,11 +387,6 @@ def test_non_overlapping_images_are_warned_about(name, change, pair, tmp_path, c
     assert overlap[0] in warnings_of(err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in ran_bundle/pipeline.py: with no overlap the moving image on the network grid is constant and "
-    "MONAI's ScaleIntensityRangePercentiles prints a raw Python warning to stderr (see the report)",
-)
 def test_no_overlap_gives_only_the_tools_own_messages(pair, tmp_path, capsys, recwarn):
     """Only ``[ran-register] warning:`` lines on stderr (in-process pytest records Python warnings instead of
     printing them: ``recwarn`` holds what a user would see as raw warnings)."""

@@ -74,7 +74,8 @@ def test_instance_optimisation_raises_dice_over_the_network_alone_on_real_brains
     """A real native-space pair (Mindboggle validation subjects 11 -> 12): the shipped network's field, then the
     default instance optimisation. Dice (labels of >= 100 voxels, fixed 1 mm grid) must rise, and folding stay
     under ran-register's stated bound."""
-    from ran_bundle.pipeline import RegistrationPipeline, voxel_ddf_to_mm
+    from ran_bundle.fields import ddf_voxel_to_mm
+    from ran_bundle.pipeline import RegistrationPipeline
 
     folder = shared_data / "mindboggle_oasis_trt20"
     if not folder.is_dir():
@@ -91,9 +92,9 @@ def test_instance_optimisation_raises_dice_over_the_network_alone_on_real_brains
     affine = pipe.run_affine(inputs)
     pair = pipe.preprocess(inputs, affine)
     ddf = pipe.predict(pair)
-    network = pipe.to_world(inputs, affine, pair.grid, voxel_ddf_to_mm(ddf, pair.grid))["stats"]
+    network = pipe.to_world(inputs, affine, pair.grid, ddf_voxel_to_mm(ddf, pair.grid.affine))["stats"]
     refined, losses = pipe.optimise(pair, ddf)
-    optimised = pipe.to_world(inputs, affine, pair.grid, voxel_ddf_to_mm(refined, pair.grid))["stats"]
+    optimised = pipe.to_world(inputs, affine, pair.grid, ddf_voxel_to_mm(refined, pair.grid.affine))["stats"]
     assert losses[-1] < losses[0]
     dice_net, dice_io = network["dice"]["mean_registered_100"], optimised["dice"]["mean_registered_100"]
     assert not math.isnan(dice_net) and dice_io > dice_net + 0.02, (dice_net, dice_io)

@@ -27,20 +27,12 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.affine import AffineResult, write_transform
-from ran_bundle.checks import InputError
+from ran_bundle.checks import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.cli import register_main
-from ran_bundle.fields import write_displacement_nifti
+from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
-from ran_bundle.pipeline import (
-    DEFAULT_WEIGHTS,
-    NetworkPair,
-    RegistrationPipeline,
-    load_network,
-    parse_spacing,
-    resolve_device,
-    voxel_ddf_to_mm,
-)
+from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline
 from ran_bundle.spatial import (
     Grid,
     field_to_voxel_ddf,
@@ -284,7 +276,7 @@ def test_to_world_is_itks_composite_of_affine_and_deformable_field(tmp_path: Pat
     grid = pair.grid
     assert all(s % 16 == 0 for s in grid.shape) and np.allclose(grid.affine[:3, :3], 3.0 * np.eye(3))
     ddf = smooth_field(grid.shape, seed=5, amp=1.5)  # voxels of the grid (3 mm): up to 4.5 mm
-    world = pipeline.to_world(inputs, affine, grid, voxel_ddf_to_mm(ddf, grid))
+    world = pipeline.to_world(inputs, affine, grid, ddf_voxel_to_mm(ddf, grid.affine))
 
     field_path = write_displacement_nifti(ddf, grid.affine, tmp_path / "v.nii.gz", dtype="float64")
     write_transform(matrix, tmp_path / "affine.tfm")
