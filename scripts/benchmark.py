@@ -49,8 +49,10 @@ tensor bytes tracked during a ``meta``-device pass, x 2 + 0.5 GB) exceeds 90% of
 an out-of-memory error is recorded as ``OOM``.
 
 Models: the RAN presets (``ref``, ``RAn0``, ``RAn3``, ``RAn4``, ``RAn4+``; weights and activations in
-``channels_last_3d``, the network's default), the same with ``channels_last`` off (``ref-contiguous``,
-``RAn0-contiguous``, ...: the memory format before, same network and FLOPs), ``conv16`` (above), ``voxelmorph``
+``channels_last_3d`` and the fused ``ScalarNorm``, the network's defaults), the same with those off
+(``ref-contiguous``: contiguous memory format; ``ref-stdmean``: ``ScalarNorm`` by its ``std_mean`` definition;
+``ref-contiguous-stdmean``: both, the network as before; likewise for every preset, same weights and FLOPs,
+:data:`scripts.peers.RAN_VARIANTS`), ``conv16`` (above), ``voxelmorph``
 (``monai.networks.nets.VoxelMorph()`` defaults: VoxelMorphUNet backbone, 7 scaling-and-squaring steps;
 timed up to the DDF, i.e. without its final warp of the moving image) and ``localnet``
 (``monai.networks.nets.LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32,
@@ -64,7 +66,8 @@ Speed and memory TARGETS live here (and in the reports this script writes), neve
 Usage::
 
     python scripts/benchmark.py [--sizes 96x80x128 192x160x256]
-        [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet conv16 ref-contiguous ...] [--device cpu|cuda] [--amp]
+        [--models ref RAn0 RAn3 RAn4 RAn4+ voxelmorph localnet conv16 ref-contiguous-stdmean ...]
+        [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
         [--budget S] [--threads N] [--checkpointing] [--estimate-only] [--omp-wait-policy inherit|passive|active]
 """
@@ -462,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         f"GFLOP/s / {RATE_BASELINE}: ratio to {RATE_BASELINE} (plain stack of 42 16-channel 3x3x3 convolutions, "
         "1.01x the FLOPs of ref) at the same size in the same run. Below about 36^3 PyTorch sends its batch-1 "
         "convolutions (C x D x H <= 20480) to the slow native slow_conv3d: measure the ratio at 64^3 or more.",
-        "<preset>-contiguous: the RAN preset with channels_last off (contiguous weights and activations); "
-        "the presets without the suffix run in channels_last_3d (the default).",
+        "RAN presets run in channels_last_3d with the fused ScalarNorm (the defaults); <preset>-contiguous: "
+        "contiguous weights and activations; <preset>-stdmean: ScalarNorm by its torch.std_mean definition; "
+        "<preset>-contiguous-stdmean: both (the network before either speed-up).",
         "skipped (needs ~X GB): estimated need (meta-device live tensors x 2 + 0.5 GB) > 90% of MemAvailable.",
     ]
     if args.baseline not in args.models:

@@ -1,8 +1,9 @@
 """Peer networks of the comparisons: the RAN presets and MONAI's VoxelMorph and LocalNet, built one way.
 
 Besides the peers, the speed-per-FLOP baseline ``conv16`` (:class:`ConvStack`, a plain stack of 16-channel
-convolutions with about the FLOPs of ``ref``) and the RAN presets with ``channels_last`` off (``"<preset>-contiguous"``,
-e.g. ``ref-contiguous``: the same network and weights in the default memory format) are built here too.
+convolutions with about the FLOPs of ``ref``) and the RAN presets with their CPU speed-ups switched off are built here
+too (:data:`RAN_VARIANTS`, e.g. ``ref-contiguous``: the same network and weights in the contiguous memory format), so
+that one benchmark run shows each speed-up.
 
 Every model is called as ``net(x)`` with ``x = (B, 2, *S)`` (moving, fixed stacked as channels) and returns the
 DDF ``(B, 3, *S)`` in voxels. Used by ``scripts/benchmark.py``, ``scripts/compare.py`` and
@@ -13,13 +14,16 @@ is built, so that importing this module stays cheap (the benchmark's measuring s
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 __all__ = [
     "RAN_MODELS",
-    "CONTIGUOUS_SUFFIX",
-    "CONTIGUOUS_MODELS",
+    "VARIANT_SUFFIXES",
+    "RAN_VARIANTS",
     "ALL_MODELS",
     "ConvStack",
     "VoxelMorphDDF",
@@ -29,12 +33,15 @@ __all__ = [
 
 #: the RAN presets (:data:`ran_bundle.networks.PRESETS` names) compared with the peers
 RAN_MODELS = ("ref", "RAn0", "RAn3", "RAn4", "RAn4+")
-#: a RAN preset's name + this suffix: the same network with ``channels_last=False`` (weights and activations in
-#: the default, contiguous memory format), to measure what the ``channels_last_3d`` default buys
-CONTIGUOUS_SUFFIX = "-contiguous"
-CONTIGUOUS_MODELS = tuple(f"{name}{CONTIGUOUS_SUFFIX}" for name in RAN_MODELS)
+#: a RAN preset's name + one of these: the same network and weights with CPU speed-ups off. ``-contiguous``:
+#: ``channels_last=False`` (weights and activations in the contiguous memory format instead of ``channels_last_3d``);
+#: ``-stdmean``: every ``ScalarNorm`` computed by its definition
+#: (:func:`ran_bundle.networks.blocks.scalar_norm_reference`: ``torch.std_mean`` and autograd) instead of the fused
+#: function; ``-contiguous-stdmean``: both, the network as it ran before either
+VARIANT_SUFFIXES = ("-contiguous", "-stdmean", "-contiguous-stdmean")
+RAN_VARIANTS = tuple(f"{name}{suffix}" for name in RAN_MODELS for suffix in VARIANT_SUFFIXES)
 #: every model :func:`build_model` builds
-ALL_MODELS = (*RAN_MODELS, *CONTIGUOUS_MODELS, "voxelmorph", "localnet", "conv16")
+ALL_MODELS = (*RAN_MODELS, *RAN_VARIANTS, "voxelmorph", "localnet", "conv16")
 
 
 class ConvStack(nn.Module):
@@ -101,14 +108,22 @@ def build_model(name: str, checkpointing: bool = False) -> nn.Module:
 
     ``checkpointing`` turns on the RAN presets' activation checkpointing (training steps only).
     """
-    contiguous = name in CONTIGUOUS_MODELS
-    preset = name[: -len(CONTIGUOUS_SUFFIX)] if contiguous else name
+    preset, suffix = name, ""
+    if name in RAN_VARIANTS:
+        suffix = next(s for s in sorted(VARIANT_SUFFIXES, key=len, reverse=True) if name.endswith(s))
+        preset = name[: -len(suffix)]
     if preset in RAN_MODELS:
         from ran_bundle.networks import ResidualAlignerNetwork
 
-        return ResidualAlignerNetwork(
-            spatial_dims=3, preset=preset, activation_checkpointing=checkpointing, channels_last=not contiguous
+        net = ResidualAlignerNetwork(
+            spatial_dims=3,
+            preset=preset,
+            activation_checkpointing=checkpointing,
+            channels_last="contiguous" not in suffix,
         )
+        if "stdmean" in suffix:
+            _use_reference_norms(net)
+        return net
     if name == "conv16":
         return ConvStack()
     if name == "voxelmorph":
@@ -120,6 +135,19 @@ def build_model(name: str, checkpointing: bool = False) -> nn.Module:
             spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32, extract_levels=(0, 1, 2, 3)
         )
     raise ValueError(f"unknown model {name!r}; choose from {ALL_MODELS}")
+
+
+def _use_reference_norms(net: nn.Module) -> None:
+    """Every ``ScalarNorm`` of ``net`` computed by its definition (``torch.std_mean`` and autograd); same values."""
+    from ran_bundle.networks.blocks import ScalarNorm, scalar_norm_reference
+
+    for module in net.modules():
+        if isinstance(module, ScalarNorm):
+            module.forward = functools.partial(_reference_norm_forward, module, scalar_norm_reference)
+
+
+def _reference_norm_forward(norm: nn.Module, reference: Callable, x: torch.Tensor) -> torch.Tensor:
+    return reference(x, norm.gamma, norm.beta, norm.eps)
 
 
 def n_params(model: nn.Module) -> int:

@@ -33,7 +33,7 @@ def _table_rows(text: str) -> dict[str, dict[str, str]]:
 def test_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "32x32x32"]
-    cmd += ["--models", "ref", "ref-contiguous", "localnet", "conv16", "--repeats", "1", "--warmup", "0"]
+    cmd += ["--models", "ref", "ref-contiguous-stdmean", "localnet", "conv16", "--repeats", "1", "--warmup", "0"]
     cmd += ["--threads", "1", "--omp-wait-policy", "passive", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo_root)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -41,7 +41,7 @@ def test_benchmark_tiny(repo_root, tmp_path):
     report = out.read_text()
     assert "OMP_WAIT_POLICY PASSIVE" in report and "at the start" in report and "at the end" in report
     rows = _table_rows(out.read_text())
-    assert set(rows) == {"ref", "ref-contiguous", "localnet", "conv16"}
+    assert set(rows) == {"ref", "ref-contiguous-stdmean", "localnet", "conv16"}
     for model, row in rows.items():
         assert row["size"] == "32x32x32"
         for col in ("params (M)", "GFLOPs", "time/pair (s)", "GFLOP/s", "GFLOP/s / conv16"):
@@ -54,8 +54,8 @@ def test_benchmark_tiny(repo_root, tmp_path):
     assert rows["conv16"]["GFLOP/s / conv16"] == "1.00"
     # exact parameter count of the released topology (6 decimals of millions = exact count), in both formats
     assert round(float(rows["ref"]["params (M)"]) * 1e6) == 738_030
-    assert rows["ref-contiguous"]["params (M)"] == rows["ref"]["params (M)"]
-    assert rows["ref-contiguous"]["GFLOPs"] == rows["ref"]["GFLOPs"]
+    assert rows["ref-contiguous-stdmean"]["params (M)"] == rows["ref"]["params (M)"]
+    assert rows["ref-contiguous-stdmean"]["GFLOPs"] == rows["ref"]["GFLOPs"]
 
 
 def test_rates_and_their_ratio_to_conv16(scripts_on_path):
@@ -98,22 +98,62 @@ def test_worker_environment_sets_the_omp_wait_policy(scripts_on_path, monkeypatc
 
 
 def test_conv16_baseline_matches_ref_flops(scripts_on_path):
-    """``conv16``: 2 channels in, the 3-channel DDF out, 1.01x the forward FLOPs of ``ref`` at the same size;
-    ``ref-contiguous`` is ``ref`` with ``channels_last`` off, the same parameters and FLOPs."""
+    """``conv16``: 2 channels in, the 3-channel DDF out, 1.01x the forward FLOPs of ``ref`` at the same size."""
     import torch
 
     from scripts.peers import ALL_MODELS, build_model
     from scripts.profiling import meta_pass
 
-    assert {"conv16", "ref-contiguous"} <= set(ALL_MODELS)
+    assert "conv16" in ALL_MODELS
     size = (32, 48, 64)
     conv16, ref = meta_pass("conv16", size, train=False, amp=False), meta_pass("ref", size, train=False, amp=False)
     assert conv16["flops"] == 557_280 * 32 * 48 * 64
     assert 1.0 < conv16["flops"] / ref["flops"] < 1.02
-    assert meta_pass("ref-contiguous", size, train=False, amp=False)["flops"] == ref["flops"]
     with torch.no_grad():
         assert build_model("conv16")(torch.rand(1, 2, 8, 9, 10)).shape == (1, 3, 8, 9, 10)
-    assert build_model("ref").channels_last and not build_model("ref-contiguous").channels_last
+
+
+def test_ran_variants_switch_off_one_speed_up_each(scripts_on_path):
+    """``-contiguous`` turns ``channels_last`` off, ``-stdmean`` computes every ScalarNorm with ``torch.std_mean``
+    (the fused function does not call it), ``-contiguous-stdmean`` both; same parameters, FLOPs and field."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from scripts.peers import ALL_MODELS, RAN_VARIANTS, build_model
+    from scripts.profiling import meta_pass
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    assert {"ref-contiguous", "ref-stdmean", "ref-contiguous-stdmean", "RAn4-contiguous"} <= set(RAN_VARIANTS)
+    assert set(RAN_VARIANTS) <= set(ALL_MODELS)
+    torch.manual_seed(0)
+    ref = build_model("ref").eval()
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        expected = ref(x)
+    flops = meta_pass("ref", (32, 32, 32), train=False, amp=False)["flops"]
+    for name, channels_last, std_mean in [
+        ("ref", True, False),
+        ("ref-contiguous", False, False),
+        ("ref-stdmean", True, True),
+        ("ref-contiguous-stdmean", False, True),
+    ]:
+        net = build_model(name).eval()
+        net.load_state_dict(ref.state_dict())
+        assert net.channels_last == channels_last, name
+        ops = Ops()
+        with torch.no_grad(), ops:
+            ddf = net(x)
+        assert ("std_mean" in ops.names) == std_mean, name
+        assert (ddf - expected).abs().max() < 1e-5, name
+        assert meta_pass(name, (32, 32, 32), train=False, amp=False)["flops"] == flops
     assert not build_model("RAn4-contiguous").channels_last
 
 
