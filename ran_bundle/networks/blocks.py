@@ -130,7 +130,8 @@ class ScalarNorm(nn.Module):
     ``y = (x - mean) / (std + eps) * gamma + beta`` with one scalar ``gamma`` and one scalar ``beta`` per layer
     (a one-group GroupNorm whose affine is a scalar, not per channel). Input and output ``(B, C, *spatial)``.
     Computed by a fused forward and closed-form backward (:class:`_ScalarNormFunction`: the same values as
-    :func:`scalar_norm_reference` to float rounding, the training step about 12% faster on CPU).
+    :func:`scalar_norm_reference` to float rounding; a ``ref`` training step at 64^3 takes 9-12% and inference 17%
+    less CPU time).
 
     Args:
         eps: added to the (population) standard deviation, 1e-3 as in the reference.
