@@ -1,11 +1,17 @@
-"""Shared pytest fixtures: repository root and the shared real-data folder."""
+"""Shared pytest fixtures: repository root, the shared real-data folder, killing a training at its checkpoint."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +41,35 @@ def tiny_ct(repo_root: Path) -> Path:
     if not (path / "datalist.json").is_file():
         pytest.skip(f"tiny dataset not found at {path}: run scripts/make_tiny_dataset.py")
     return path
+
+
+def _kill_after_checkpoint(
+    command: Sequence[str], checkpoint: Path, env: Mapping[str, str] | None = None, timeout: float = 900
+) -> dict[str, Any]:
+    """Start the training ``command`` (its own process group, from the repository root), SIGKILL it as soon as
+    ``checkpoint`` exists and return that checkpoint's state dict; fails when no checkpoint appears before the
+    run ends or ``timeout`` seconds pass."""
+    proc = subprocess.Popen(
+        list(command),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + timeout
+        while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "no checkpoint appeared before the run ended or timed out"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def kill_after_checkpoint() -> Callable[..., dict[str, Any]]:
+    """``kill_after_checkpoint(command, checkpoint, env=None, timeout=900)``: run a training until it writes
+    ``checkpoint``, kill it (SIGKILL) there and return the checkpoint's state, for resume tests."""
+    return _kill_after_checkpoint

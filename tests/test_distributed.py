@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,30 +106,14 @@ def test_torchrun_two_gloo_ranks_match_single_process_run(tmp_path):
     assert rel < 0.03
 
 
-def test_killed_training_resumes_to_the_uninterrupted_state(tmp_path):
+def test_killed_training_resumes_to_the_uninterrupted_state(tmp_path, kill_after_checkpoint):
     """SIGKILL after epoch 1 of 3, resume with --resume True: same final weights as a run never killed."""
     epochs = ("--num_epochs", "3", "--pairs_per_epoch", "3")
     full_dir, killed_dir = tmp_path / "full" / "models", tmp_path / "killed" / "models"
     run([sys.executable, *train_cmd(full_dir, *epochs)])
 
-    proc = subprocess.Popen(
-        [sys.executable, *train_cmd(killed_dir, *epochs)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-        start_new_session=True,
-    )
     last = killed_dir / "model_last.pt"
-    try:
-        deadline = time.time() + 600
-        while not last.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        assert last.exists(), "no checkpoint appeared before the run ended or timed out"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    state = torch.load(last, map_location="cpu", weights_only=False)
+    state = kill_after_checkpoint([sys.executable, *train_cmd(killed_dir, *epochs)], last, env=ENV, timeout=600)
     killed_at = state["trainer"]["iteration"] // state["trainer"]["epoch_length"]  # completed epochs
     assert killed_at < 3, "the run finished before it could be killed; the test proves nothing"
 
