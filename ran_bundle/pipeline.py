@@ -23,6 +23,9 @@ A registration is a short list of named steps, each a method of :class:`Registra
 
 Conventions: those of :mod:`ran_bundle.fields` and :mod:`ran_bundle.spatial` (RAS affines, fields in mm
 mapping fixed points to moving points, ITK's LPS convention in the files).
+
+About 500 lines because the steps are kept in one object on purpose: the CLI, the Deploy operator and the
+MONAI Label transform call the same steps, and each step's work lives in its own module (above).
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def _env(shared: Path) -> dict[str, str]:
 def test_resuming_the_recipe_continues_its_learning_curve(shared_data: Path, tmp_path: Path, kill_after_checkpoint):
     """Four subjects of the split at 4 mm, 2 epochs: once straight through, once killed (SIGKILL) after the
     epoch-1 checkpoint and resumed with --resume True. The resumed run goes on at epoch 2 with the same learning
-    rate, validation Dice and folding as the straight run, and ends with the same weights."""
+    rate, validation Dice and folding as the straight run, and ends with the same weights (to Adam's step size)."""
     raw = json.loads(DATALIST.read_text())
     small = {
         **raw,
@@ -119,4 +119,8 @@ def test_resuming_the_recipe_continues_its_learning_curve(shared_data: Path, tmp
     again = torch.load(last, map_location="cpu", weights_only=False)
     assert again["lr_scheduler"] == full["lr_scheduler"] and again["trainer"]["iteration"] == 4
     diff = max((again["model"][k].float() - full["model"][k].float()).abs().max().item() for k in full["model"])
-    assert diff <= 1e-5, diff
+    # Adam's first steps move each weight by about the learning rate (1e-4) whatever the gradient's size, so float
+    # rounding differences of near-zero gradients (bfloat16 autocast; the affine stage's multi-threaded metric) show
+    # up as weight differences of that size; a skipped or repeated step would also move the curve and the schedule
+    # checked above. tests/test_distributed.py checks the exact (1e-6) resume in float32.
+    assert diff <= 3e-4, diff

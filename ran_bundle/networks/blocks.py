@@ -16,6 +16,9 @@ Conventions used by every block:
 
 All shape-dependent operations are written with tensor ops on the input's shape, so that a model traced by
 ``torch.jit.trace`` at one size runs correctly at another.
+
+Over 500 lines because the paper's two modules (Motion-Aware layers, Residual Aligner with its accumulator)
+and the fused :class:`ScalarNorm` they use belong together; networks/ builds the nets from them.
 """
 
 from __future__ import annotations
