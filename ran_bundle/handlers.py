@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
@@ -294,6 +295,10 @@ class TrainingReport:
     - At the end: the best validation Dice and its epoch, and where the best model, the last training state
       (to resume from) and the TensorBoard logs were written.
 
+    In multi-process training it is attached on every process: each scores its share of the validation pairs
+    and the metric gathers them (a gather on the main process alone would wait for the others for ever);
+    only the main process logs.
+
     Args:
         validator: the evaluator whose ``data_loader`` yields the validation pairs (with labels).
         ckpt_dir: the folder of ``model.pt`` (best) and ``model_last.pt`` (last state).
@@ -331,13 +336,15 @@ class TrainingReport:
                 continue
             metric(moving, fixed)
             pairs += int(moving.shape[0])
-        if pairs:
+        if idist.all_reduce(pairs):
             self.identity = float(metric.aggregate())
-            logger.info("validation Dice with no registration (identity): %.4f over %d pairs", self.identity, pairs)
+            pairs = int(metric.get_buffer().shape[0])
+            if idist.get_rank() == 0:
+                logger.info("validation Dice with no registration (identity): %.4f over %d pairs", self.identity, pairs)
 
     def after_validation(self, engine: Engine) -> None:
         value = engine.state.metrics.get(self.key_metric)
-        if value is not None:
+        if value is not None and idist.get_rank() == 0:
             logger.info(
                 "validation Dice %.4f (no registration: %.4f; best %.4f at epoch %d)",
                 float(value),
@@ -347,6 +354,8 @@ class TrainingReport:
             )
 
     def summary(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
         state = self.validator.state
         best = float(getattr(state, "best_metric", math.nan)) if state is not None else math.nan
         epoch = int(getattr(state, "best_metric_epoch", -1)) if state is not None else -1

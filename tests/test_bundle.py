@@ -17,11 +17,14 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "configs/train.json"
@@ -443,7 +446,11 @@ def test_multi_gpu_training_keeps_the_pretrained_weights_and_the_checks(tmp_path
         assert "StatsHandler" not in names and "TensorBoardStatsHandler" not in names
         assert "ValidationHandler" in names and "CheckpointSaver" in names  # rank 0 alone writes (ignite)
     finally:
-        dist.destroy_process_group()
+        # ignite cached the native computation model while the group existed: without finalize, every later
+        # MONAI metric in this process would try to gather over the destroyed group
+        idist.finalize()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_pretrain_is_an_override_of_train():
