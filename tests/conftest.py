@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,3 +74,25 @@ def kill_after_checkpoint() -> Callable[..., dict[str, Any]]:
     """``kill_after_checkpoint(command, checkpoint, env=None, timeout=900)``: run a training until it writes
     ``checkpoint``, kill it (SIGKILL) there and return the checkpoint's state, for resume tests."""
     return _kill_after_checkpoint
+
+
+def _resample_isotropic(src: Path, dst: Path, spacing: float, label: bool) -> Path:
+    """Resample the image file ``src`` to ``spacing`` mm over the same extent and write it to ``dst`` (linear;
+    nearest neighbour and int16 for label maps)."""
+    img = sitk.ReadImage(str(src))
+    if label:
+        img = sitk.Cast(img, sitk.sitkInt16)
+    size = [round(n * s / spacing) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=True)]
+    ref = sitk.Image(size, img.GetPixelID())
+    ref.SetSpacing([spacing] * 3)
+    ref.SetDirection(img.GetDirection())
+    ref.SetOrigin(img.GetOrigin())
+    mode = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), mode, 0), str(dst))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def resample_isotropic() -> Callable[[Path, Path, float, bool], Path]:
+    """``resample_isotropic(src, dst, spacing, label)``: a real scan made small for front-end tests."""
+    return _resample_isotropic

@@ -36,6 +36,7 @@ def _known_affine(image: sitk.Image) -> sitk.AffineTransform:
     return transform
 
 
+@pytest.mark.slow
 def test_affine_stage_recovers_a_known_affine_of_a_real_brain(shared_data: Path):
     """A real T1 brain and its copy moved by a known affine: the stage finds it to < 1 mm RMS over the brain."""
     fixed, _ = _brain(shared_data, 13)
@@ -54,6 +55,7 @@ def test_affine_stage_recovers_a_known_affine_of_a_real_brain(shared_data: Path)
     assert result.stage == "affine" and set(result.metric) == {"rigid", "affine"}
 
 
+@pytest.mark.slow
 def test_rigid_stage_keeps_a_rotation_and_improves_the_metric(shared_data: Path):
     fixed, _ = _brain(shared_data, 13)
     moving, _ = _brain(shared_data, 14)
@@ -93,6 +95,7 @@ def test_bad_transform_files_are_refused(tmp_path: Path):
         read_transform(tmp_path / "field.h5")
 
 
+@pytest.mark.slow
 def test_align_to_reference_computes_each_subject_once_and_caches_it(shared_data: Path, tmp_path: Path, monkeypatch):
     from ran_bundle import transforms
 

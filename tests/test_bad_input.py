@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -30,6 +30,7 @@ def _table_rows(text: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_benchmark_tiny(repo_root, tmp_path):
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(repo_root / "scripts" / "benchmark.py"), "--sizes", "32x32x32"]

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from ran_bundle.bundle_errors import one_line, root_cause
+
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
 
 
 def test_one_line_names_the_innermost_cause():

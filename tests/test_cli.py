@@ -309,7 +309,16 @@ def interrupted(pair, tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "ran_bundle", "--fixed", str(pair["fixed"]), "--moving", str(pair["moving"]),
            "--out", str(out), "--io-iterations", "0", "100000", "--device", "cpu"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a test run started in the background by a shell inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give the child the default disposition, as an interactive shell would
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     chunks: list[bytes] = []
     started = threading.Event()
 

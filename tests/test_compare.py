@@ -23,6 +23,8 @@ from ran_bundle.data import load_datalist
 from ran_bundle.metrics import dice
 from ran_bundle.transforms import registration_transforms
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 MODELS = ("ref", "RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")  # RAn4: RAn4+ with fewer channels
 REFERENCE = "ref [models/model.pt]"  # the shipped weights, scored but not trained by the comparison
 SVG_NS = "{http://www.w3.org/2000/svg}"

@@ -24,7 +24,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from ran_bundle.pipeline import RegistrationPipeline
@@ -43,22 +42,7 @@ FILES = (
     ("moving_label", "oasis_trt_01", "label"),
 )
 
-pytestmark = pytest.mark.deploy
-
-
-def resample(src: Path, dst: Path, label: bool) -> Path:
-    """Resample ``src`` to :data:`SPACING` mm over the same extent (linear; nearest neighbour, int16, for labels)."""
-    img = sitk.ReadImage(str(src))
-    if label:
-        img = sitk.Cast(img, sitk.sitkInt16)
-    size = [round(n * s / SPACING) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=True)]
-    ref = sitk.Image(size, img.GetPixelID())
-    ref.SetSpacing([SPACING] * 3)
-    ref.SetDirection(img.GetDirection())
-    ref.SetOrigin(img.GetOrigin())
-    mode = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
-    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), mode, 0), str(dst))
-    return dst
+pytestmark = [pytest.mark.deploy, pytest.mark.slow]
 
 
 def run_app(deploy_python: Path, args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
@@ -84,14 +68,14 @@ def deploy_python() -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pair_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory, resample_isotropic) -> Path:
     """Folder holding ``fixed``, ``fixed_label``, ``moving``, ``moving_label`` ``.nii.gz`` (see the module doc)."""
     src = shared_data / "mindboggle_oasis_trt20"
     if not all((src / subject / f"{name}.nii.gz").is_file() for _, subject, name in FILES):
         pytest.skip(f"Mindboggle subjects 01 and 14 not found under {src}")
     out = tmp_path_factory.mktemp("deploy_pair")
     for role, subject, name in FILES:
-        resample(src / subject / f"{name}.nii.gz", out / f"{role}.nii.gz", label=name == "label")
+        resample_isotropic(src / subject / f"{name}.nii.gz", out / f"{role}.nii.gz", SPACING, name == "label")
     return out
 
 
@@ -130,7 +114,7 @@ def test_app_matches_the_pipeline_in_process(deploy_python: Path, pair_dir: Path
         )
     )
     fixed = nib.load(pair_dir / "fixed.nii.gz")
-    diffs = {}
+    diffs, ranges = {}, {}
     for name in files:
         if not name.endswith(".nii.gz"):
             continue
@@ -139,6 +123,7 @@ def test_app_matches_the_pipeline_in_process(deploy_python: Path, pair_dir: Path
         np.testing.assert_allclose(app_img.affine, fixed.affine, atol=1e-5, err_msg=name)
         np.testing.assert_allclose(ref_img.affine, fixed.affine, atol=1e-5, err_msg=name)
         diffs[name] = float(np.abs(app_img.get_fdata() - ref_img.get_fdata()).max())
+        ranges[name] = float(np.ptp(ref_img.get_fdata()))
     report = json.loads((app_out / "report.json").read_text())
     dice = report["field"]["dice"]
     print(
@@ -148,7 +133,10 @@ def test_app_matches_the_pipeline_in_process(deploy_python: Path, pair_dir: Path
     )
     assert report["network"]["weights"] == str(MODEL_TS)
     assert report["field"]["displacement_mm_mean"] > 1.0  # a field that moves voxels: the comparison means something
-    assert diffs["ddf.nii.gz"] <= 1e-4 and diffs["jacobian.nii.gz"] <= 1e-4 and diffs["warped.nii.gz"] <= 1e-3
+    # TorchScript and eager fields differ by float rounding (1e-5 mm); the warped image by that times its
+    # intensity gradient, so its bound is relative to its intensity range
+    assert diffs["ddf.nii.gz"] <= 1e-4 and diffs["jacobian.nii.gz"] <= 1e-4
+    assert diffs["warped.nii.gz"] <= 1e-4 * ranges["warped.nii.gz"], (diffs, ranges)
     assert diffs["warped_label.nii.gz"] == 0.0
     assert dice["mean_registered_100"] == pytest.approx(registration.stats["dice"]["mean_registered_100"], abs=1e-6)
     assert dice["mean_registered_100"] > dice["mean_affine_100"]

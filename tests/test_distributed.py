@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "configs/train.json"
 MULTI = "configs/multi_gpu_train.json"

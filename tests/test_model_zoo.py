@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST = REPO / "large_files.yml"
 # a script, not a package: loaded from its file, without putting scripts/ on sys.path

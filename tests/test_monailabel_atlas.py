@@ -29,7 +29,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from ran_bundle.atlas import load_label_names
 from ran_bundle.metrics import dice_per_label
@@ -43,27 +42,13 @@ IO_ITERATIONS = (10, 10)
 
 pytestmark = [
     pytest.mark.monailabel,
+    pytest.mark.slow,
     pytest.mark.skipif(
         not ML_PYTHON.is_file(),
         reason=f"MONAI Label environment not found at {ML_PYTHON}: run `bash scripts/make_monailabel_env.sh` "
         "(or set RAN_MONAILABEL_PYTHON)",
     ),
 ]
-
-
-def resample(src: Path, dst: Path, label: bool) -> Path:
-    """Resample ``src`` to :data:`SPACING` mm over the same extent (linear; nearest neighbour, int16, for labels)."""
-    img = sitk.ReadImage(str(src))
-    if label:
-        img = sitk.Cast(img, sitk.sitkInt16)
-    size = [round(n * s / SPACING) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=True)]
-    ref = sitk.Image(size, img.GetPixelID())
-    ref.SetSpacing([SPACING] * 3)
-    ref.SetDirection(img.GetDirection())
-    ref.SetOrigin(img.GetOrigin())
-    mode = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
-    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), mode, 0), str(dst))
-    return dst
 
 
 def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
@@ -73,13 +58,13 @@ def mean_dice(pred: np.ndarray, ref: np.ndarray) -> float:
     return float(np.nanmean(list(dice_per_label(pred, ref, labels).values())))
 
 
-def test_bundle_infer_task_propagates_the_brain_atlas(shared_data: Path, tmp_path: Path) -> None:
+def test_bundle_infer_task_propagates_the_brain_atlas(shared_data: Path, tmp_path: Path, resample_isotropic) -> None:
     src = shared_data / "mindboggle_oasis_trt20"
     if not all((src / s / f).is_file() for s in (ATLAS, TARGET) for f in ("image.nii.gz", "label.nii.gz")):
         pytest.skip(f"Mindboggle subjects {ATLAS} and {TARGET} not found under {src}")
     files = {
-        f"{role}_{kind}": resample(
-            src / subject / f"{kind}.nii.gz", tmp_path / f"{role}_{kind}.nii.gz", kind == "label"
+        f"{role}_{kind}": resample_isotropic(
+            src / subject / f"{kind}.nii.gz", tmp_path / f"{role}_{kind}.nii.gz", SPACING, kind == "label"
         )
         for role, subject in (("atlas", ATLAS), ("target", TARGET))
         for kind in ("image", "label")

@@ -113,21 +113,23 @@ def test_single_head_keeps_the_head_weighting():
 
 def test_shipped_weights_give_the_same_field_as_before(repo_root):
     """``models/model.pt`` (preset ``ref``: six heads, ``head_weighting="none"``) loads strictly and gives the
-    field it gave before the one-head weighting was added (values pinned from that version)."""
+    field pinned when these weights (0.3.0) were shipped: a change of the network code that changes what the
+    weights mean fails here."""
     net = ResidualAlignerNetwork(3, "ref").eval()
     state = torch.load(repo_root / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
     net.load_state_dict(state, strict=True)
     x = torch.rand(1, 2, 32, 40, 48, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ddf = net(x)[0].double()
-    expected_sums = [25124.276281852974, 23573.730988945812, 22627.478788361652]
-    assert torch.allclose(ddf.sum(dim=(1, 2, 3)), torch.tensor(expected_sums, dtype=torch.float64), rtol=1e-5)
+    expected_sums = [1228.9977178524423, 21593.21233562971, -14791.644556670435]
+    sums = ddf.sum(dim=(1, 2, 3))
+    assert torch.allclose(sums, torch.tensor(expected_sums, dtype=torch.float64), rtol=1e-5, atol=0.05), sums
     expected = {
-        (0, 0, 0): [0.43603619933128357, 0.3744211792945862, 0.4880024790763855],
-        (5, 17, 30): [0.36418968439102173, 0.4049195945262909, 0.19999852776527405],
-        (16, 20, 24): [0.49799737334251404, 0.37874945998191833, 0.314863383769989],
-        (31, 39, 47): [0.011087908409535885, 0.19660834968090057, -0.09678862243890762],
-        (10, 3, 41): [0.4479235112667084, 0.48284512758255005, 1.7597075700759888],
+        (0, 0, 0): [0.2760288715362549, 0.36240774393081665, 0.3820147216320038],
+        (5, 17, 30): [0.250505268573761, 0.3381853997707367, -0.1385485678911209],
+        (16, 20, 24): [0.23073634505271912, 0.42254599928855896, 0.18514415621757507],
+        (31, 39, 47): [-0.016759438440203667, 0.1512250453233719, 0.23276907205581665],
+        (10, 3, 41): [-0.08033715933561325, 0.3456009328365326, -0.8960535526275635],
     }
     for voxel, values in expected.items():
         assert torch.allclose(ddf[(slice(None), *voxel)], torch.tensor(values, dtype=torch.float64), atol=1e-4)
@@ -324,7 +326,8 @@ def test_shipped_weights_fused_norm_equals_the_definition(repo_root, monkeypatch
     ddf_ref, grads_ref = field_and_grads()
     assert (ddf - ddf_ref).abs().max() < 1e-5
     for g, g_ref in zip(grads, grads_ref, strict=True):
-        assert (g - g_ref).abs().max() <= 1e-3 * g_ref.abs().max() + 1e-9
+        # relative to the largest entry, with a float32 floor for parameters whose gradient is tiny (1e-4 and below)
+        assert (g - g_ref).abs().max() <= 1e-3 * g_ref.abs().max() + 1e-6
 
 
 def test_warp_matches_monai_warp():

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 
 def test_probe_runs_every_network_and_reports_each_step(repo_root, tmp_path):
     out = tmp_path / "probe.md"

@@ -26,6 +26,8 @@ from ran_bundle.cli import register_main, warp_main
 from ran_bundle.pipeline import DEFAULT_WEIGHTS
 from ran_bundle.spatial import foreground_mask
 
+pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
+
 LPS = np.diag([-1.0, -1.0, 1.0])
 COMMON = ("--io-iterations", "2", "2", "--device", "cpu", "--quiet")
 
