@@ -20,7 +20,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
@@ -33,21 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "atlas_inference.json"
 FAST = {"spacing": 3.0, "io_iterations": [10, 10], "device": "cpu"}
 ATLAS, TARGET = "oasis_trt_01", "oasis_trt_14"
-
-
-def resample(src: Path, dst: Path, label: bool, spacing: float = 3.0) -> Path:
-    """Resample ``src`` to ``spacing`` mm over the same extent (linear; nearest neighbour, int16, for labels)."""
-    img = sitk.ReadImage(str(src))
-    if label:
-        img = sitk.Cast(img, sitk.sitkInt16)
-    size = [round(n * s / spacing) for n, s in zip(img.GetSize(), img.GetSpacing(), strict=True)]
-    ref = sitk.Image(size, img.GetPixelID())
-    ref.SetSpacing([spacing] * 3)
-    ref.SetDirection(img.GetDirection())
-    ref.SetOrigin(img.GetOrigin())
-    mode = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
-    sitk.WriteImage(sitk.Resample(img, ref, sitk.Transform(), mode, 0), str(dst))
-    return dst
 
 
 def run_like_bundle_infer_task(image: Path, **overrides: Any) -> tuple[dict, np.ndarray, ConfigParser]:
@@ -97,7 +81,7 @@ def check_label_map(data: dict, image: Path, atlas_label: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def brain_pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def brain_pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory, resample_isotropic) -> dict[str, Path]:
     """Mindboggle subject 01 (atlas) and 14 (target), images and labels, resampled to 3 mm."""
     src = shared_data / "mindboggle_oasis_trt20"
     if not all((src / s / f).is_file() for s in (ATLAS, TARGET) for f in ("image.nii.gz", "label.nii.gz")):
@@ -106,8 +90,8 @@ def brain_pair(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     files = {}
     for role, subject in (("atlas", ATLAS), ("target", TARGET)):
         for kind in ("image", "label"):
-            files[f"{role}_{kind}"] = resample(
-                src / subject / f"{kind}.nii.gz", out / f"{role}_{kind}.nii.gz", kind == "label"
+            files[f"{role}_{kind}"] = resample_isotropic(
+                src / subject / f"{kind}.nii.gz", out / f"{role}_{kind}.nii.gz", 3.0, kind == "label"
             )
     return files
 
