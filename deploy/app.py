@@ -45,9 +45,9 @@ from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
 
 from ran_bundle.checks import InputError, resolve_device
+from ran_bundle.cli import add_pipeline_options, pipeline_options
 from ran_bundle.outputs import OutputFolder, write_json
 from ran_bundle.pipeline import Registration, RegistrationPipeline
-from ran_bundle.transforms import INTENSITIES
 
 #: file stems looked for in the input folder (the labels are optional)
 INPUT_STEMS = ("fixed", "moving", "fixed_label", "moving_label")
@@ -224,15 +224,7 @@ def app_parser() -> argparse.ArgumentParser:
         prog="deploy/app.py", description=__doc__.splitlines()[0], add_help=False, allow_abbrev=False
     )
     p.add_argument("--help", action="help", help="this app's options (-i IN -o OUT -m model.ts are the SDK's)")
-    p.add_argument("--intensity", choices=INTENSITIES, default="mr", help="intensity scaling (default mr)")
-    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: 1 or 3 numbers")
-    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage")
-    p.add_argument("--io-iterations", nargs=2, type=int, default=(30, 40), metavar=("HALF", "FULL"))
-    p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation")
-    p.add_argument("--io-weight", type=float, default=10.0)
-    p.add_argument("--io-fold-weight", type=float, default=50.0)
-    p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    add_pipeline_options(p)  # the same options, names and defaults as ran-register
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -271,15 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         pipeline = RegistrationPipeline(
             weights=model_path,
             device=str(device),
-            spacing=" ".join(own.spacing),
-            intensity=own.intensity,
-            affine=own.affine,
-            io_iterations=(0, 0) if own.no_io else tuple(own.io_iterations),
-            io_weight=own.io_weight,
-            io_fold_weight=own.io_fold_weight,
-            inverse=own.inverse,
-            progress=not own.quiet,
             network=load_torchscript(model_path, device),
+            **pipeline_options(own),
         )
         pipeline.check_inputs(files["fixed"], files["moving"], files.get("fixed_label"), files.get("moving_label"))
         folder = OutputFolder(output_path, tool=TOOL).acquire()

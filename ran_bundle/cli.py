@@ -15,7 +15,15 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-__all__ = ["register_parser", "warp_parser", "register_main", "warp_main", "main"]
+__all__ = [
+    "add_pipeline_options",
+    "pipeline_options",
+    "register_parser",
+    "warp_parser",
+    "register_main",
+    "warp_main",
+    "main",
+]
 
 _LOGGERS = ("ran_bundle",)
 
@@ -45,6 +53,42 @@ def _fail(name: str, message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """The registration options every front end of the pipeline takes (``ran-register``, the MONAI Deploy app),
+    with one set of names and defaults; :func:`pipeline_options` turns them into pipeline arguments."""
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage (default)")
+    p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
+    p.add_argument(
+        "--io-iterations",
+        nargs=2,
+        type=int,
+        default=(30, 40),
+        metavar=("HALF", "FULL"),
+        help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
+    )
+    p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
+    p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
+    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
+    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """:class:`~ran_bundle.pipeline.RegistrationPipeline` keyword arguments from the options of
+    :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller)."""
+    return {
+        "spacing": " ".join(args.spacing),
+        "intensity": args.intensity,
+        "affine": args.affine,
+        "io_iterations": (0, 0) if args.no_io else tuple(args.io_iterations),
+        "io_weight": args.io_weight,
+        "io_fold_weight": args.io_fold_weight,
+        "inverse": args.inverse,
+        "progress": not args.quiet,
+    }
+
+
 def register_parser() -> argparse.ArgumentParser:
     """The ``ran-register`` argument parser."""
     p = _Parser(
@@ -66,29 +110,14 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created; only this run's outputs remain in it)")
     p.add_argument("--moving-label", help="label map of the moving image (its grid), warped by nearest neighbour")
     p.add_argument("--fixed-label", help="label map of the fixed image; with --moving-label the report gives Dice")
-    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage (default)")
+    add_pipeline_options(p)
     p.add_argument("--initial-transform", help="ITK transform file (fixed -> moving points) to start the affine from")
-    p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
-    p.add_argument(
-        "--io-iterations",
-        nargs=2,
-        type=int,
-        default=(30, 40),
-        metavar=("HALF", "FULL"),
-        help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
-    )
-    p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
-    p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune a copy of the network first (GPU option)")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="its Adam learning rate")
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
     p.add_argument("--preset", default="ref", help="RAN preset of the weights (default ref)")
-    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
-    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="mixed precision for the network")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, all cores)")
-    p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
     p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     return p
@@ -141,17 +170,10 @@ def _register(args: argparse.Namespace) -> None:
             preset=args.preset,
             device=args.device,
             amp=args.amp,
-            spacing=" ".join(args.spacing),
-            intensity=args.intensity,
-            affine=args.affine,
             initial_transform=args.initial_transform,
-            io_iterations=(0, 0) if args.no_io else tuple(args.io_iterations),
-            io_weight=args.io_weight,
-            io_fold_weight=args.io_fold_weight,
             finetune_steps=args.finetune_steps,
             finetune_lr=args.finetune_lr,
-            inverse=args.inverse,
-            progress=not args.quiet,
+            **pipeline_options(args),
         )
         registration = pipeline.register(args.fixed, args.moving, args.fixed_label, args.moving_label)
         with folder.stage() as staging:
