@@ -20,7 +20,7 @@ from scipy.ndimage import gaussian_filter
 from ran_bundle.apply import read_points_csv, warp_image_file, warp_points_file, write_points_csv
 from ran_bundle.checks import InputError
 from ran_bundle.cli import warp_main, warp_parser
-from ran_bundle.fields import ddf_voxel_to_mm, warp_image, write_displacement_nifti
+from ran_bundle.fields import ddf_voxel_to_mm, warp_image, write_displacement_nifti, write_image_atomic
 from ran_bundle.spatial import (
     field_to_voxel_ddf,
     map_points,
@@ -33,14 +33,6 @@ from ran_bundle.spatial import (
 LPS = np.diag([-1.0, -1.0, 1.0])
 #: a non-RAS header: file axes point P, S and L (not R, A, S), voxels 1.5 x 2.5 x 2 mm, origin off zero
 OBLIQUE = np.array([[0, 0, -2.0, 5], [-1.5, 0, 0, 6], [0, 2.5, 0, 7], [0, 0, 0, 1]])
-
-
-def nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 def smooth_field(shape, seed=0, amp=3.0) -> torch.Tensor:
@@ -98,8 +90,8 @@ def field_and_image(tmp_path: Path) -> dict:
         "moving_affine": moving_affine,
         "moving": moving,
         "labels": labels,
-        "moving_path": nifti(moving, moving_affine, tmp_path / "moving.nii.gz"),
-        "label_path": nifti(labels, moving_affine, tmp_path / "labels.nii.gz"),
+        "moving_path": write_image_atomic(moving, moving_affine, tmp_path / "moving.nii.gz"),
+        "label_path": write_image_atomic(labels, moving_affine, tmp_path / "labels.nii.gz"),
     }
 
 
@@ -133,7 +125,9 @@ def test_read_displacement_field_inverts_the_writer(tmp_path: Path):
     np.testing.assert_allclose(v.numpy(), ddf_voxel_to_mm(u.double(), OBLIQUE).numpy(), atol=1e-6)
     np.testing.assert_allclose(field_to_voxel_ddf(v, affine).numpy(), u.numpy(), atol=1e-5)
     with pytest.raises(InputError, match="not a 3D displacement field"):
-        read_displacement_field(nifti(np.zeros((4, 4, 4), np.float32), OBLIQUE, tmp_path / "scalar.nii.gz"))
+        read_displacement_field(
+            write_image_atomic(np.zeros((4, 4, 4), np.float32), OBLIQUE, tmp_path / "scalar.nii.gz")
+        )
     with pytest.raises(InputError, match="file not found"):
         read_displacement_field(tmp_path / "absent.nii.gz")
 

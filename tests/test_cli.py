@@ -27,6 +27,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.cli import main, register_main, register_parser
+from ran_bundle.fields import write_image_atomic
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.outputs import OutputFolder
 from ran_bundle.pipeline import DEFAULT_WEIGHTS
@@ -42,14 +43,6 @@ pytestmark = pytest.mark.skipif(not DEFAULT_WEIGHTS.is_file(), reason=f"shipped 
 # ------------------------------------------------------------------------------------------------
 # helpers and inputs
 # ------------------------------------------------------------------------------------------------
-
-
-def nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 def phantom(shape=(40, 40, 40), spacing=2.0, seed=0, offset=(0.0, 0.0, 0.0)) -> np.ndarray:
@@ -119,17 +112,19 @@ def pair(tmp_path_factory) -> dict[str, Path]:
     ran4 = d / "ran4.pt"
     torch.save({"model": ResidualAlignerNetwork(3, "RAn4").state_dict()}, ran4)
     return {
-        "fixed": nifti(phantom(), aff, d / "fixed.nii.gz"),
-        "moving": nifti(moving, aff, d / "moving.nii.gz"),
-        "moving_label": nifti((moving > 0.5).astype(np.int16) + (moving > 1.2), aff, d / "moving_label.nii.gz"),
-        "img": nifti(small, aff, d / "img.nii.gz"),
-        "lab": nifti(lab, aff, d / "lab.nii.gz"),
-        "flat": nifti(small[:, :, 0], aff, d / "flat.nii.gz"),
-        "vol4d": nifti(np.stack([small, small], -1), aff, d / "vol4d.nii.gz"),
-        "nan": nifti(nan, aff, d / "nan.nii.gz"),
-        "const": nifti(np.zeros_like(small), aff, d / "const.nii.gz"),
-        "lab_shape": nifti(lab[:, :, :30], aff, d / "lab_shape.nii.gz"),
-        "lab_affine": nifti(lab, shifted, d / "lab_affine.nii.gz"),
+        "fixed": write_image_atomic(phantom(), aff, d / "fixed.nii.gz"),
+        "moving": write_image_atomic(moving, aff, d / "moving.nii.gz"),
+        "moving_label": write_image_atomic(
+            (moving > 0.5).astype(np.int16) + (moving > 1.2), aff, d / "moving_label.nii.gz"
+        ),
+        "img": write_image_atomic(small, aff, d / "img.nii.gz"),
+        "lab": write_image_atomic(lab, aff, d / "lab.nii.gz"),
+        "flat": write_image_atomic(small[:, :, 0], aff, d / "flat.nii.gz"),
+        "vol4d": write_image_atomic(np.stack([small, small], -1), aff, d / "vol4d.nii.gz"),
+        "nan": write_image_atomic(nan, aff, d / "nan.nii.gz"),
+        "const": write_image_atomic(np.zeros_like(small), aff, d / "const.nii.gz"),
+        "lab_shape": write_image_atomic(lab[:, :, :30], aff, d / "lab_shape.nii.gz"),
+        "lab_affine": write_image_atomic(lab, shifted, d / "lab_affine.nii.gz"),
         "missing": d / "missing.nii.gz",
         "junk": junk,
         "ran4": ran4,
@@ -365,7 +360,7 @@ def test_ctrl_c_message_is_the_last_line(interrupted):
 
 def moved_header(path: Path, out: Path, change) -> Path:
     img = nib.load(str(path))
-    return nifti(np.asarray(img.dataobj), change(img.affine.copy()), out)
+    return write_image_atomic(np.asarray(img.dataobj), change(img.affine.copy()), out)
 
 
 def translated(affine: np.ndarray) -> np.ndarray:
@@ -385,7 +380,9 @@ def flipped(affine: np.ndarray) -> np.ndarray:
 def test_non_overlapping_images_are_warned_about(name, change, pair, tmp_path, capsys):
     """A header that puts the moving image 300 mm away, or mirrors it, with ``--affine none``: a warning on
     stderr and in the report says the images do not overlap."""
-    fixed = nifti(phantom(offset=(16.0, 0.0, 0.0)), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "fixed.nii.gz")
+    fixed = write_image_atomic(
+        phantom(offset=(16.0, 0.0, 0.0)), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "fixed.nii.gz"
+    )
     moving = moved_header(fixed, tmp_path / "moving.nii.gz", change)
     out = tmp_path / "out"
     err = ok(capsys, "--fixed", fixed, "--moving", moving, "--out", out, "--affine", "none", *FAST)
@@ -421,7 +418,7 @@ def test_displacement_larger_than_the_image_is_warned_about(pair, tmp_path, caps
 
 def test_images_too_small_for_the_network_are_refused(tmp_path, capsys, no_network):
     """8^3 voxels of 1 mm are 4 voxels of the network's 2 mm grid: refused with one line, nothing written."""
-    path = nifti(phantom((8, 8, 8), 1.0), np.eye(4), tmp_path / "tiny.nii.gz")
+    path = write_image_atomic(phantom((8, 8, 8), 1.0), np.eye(4), tmp_path / "tiny.nii.gz")
     out = tmp_path / "out"
     code, err = run(capsys, "--fixed", path, "--moving", path, "--out", out, "--quiet")
     assert code == 2
@@ -431,8 +428,10 @@ def test_images_too_small_for_the_network_are_refused(tmp_path, capsys, no_netwo
 
 def test_small_images_are_warned_about(tmp_path, capsys):
     """8^3 voxels of 2 mm (16 mm) still make a 16^3 network grid: registered, with a warning."""
-    fixed = nifti(phantom((8, 8, 8), 2.0), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "fixed.nii.gz")
-    moving = nifti(phantom((8, 8, 8), 2.0, seed=1), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "moving.nii.gz")
+    fixed = write_image_atomic(phantom((8, 8, 8), 2.0), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "fixed.nii.gz")
+    moving = write_image_atomic(
+        phantom((8, 8, 8), 2.0, seed=1), np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / "moving.nii.gz"
+    )
     out = tmp_path / "out"
     err = ok(capsys, "--fixed", fixed, "--moving", moving, "--out", out, *FAST, "--quiet")
     report = json.loads((out / "report.json").read_text())

@@ -29,7 +29,7 @@ from scipy.ndimage import gaussian_filter
 from ran_bundle.affine import AffineResult, write_transform
 from ran_bundle.checks import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.cli import register_main
-from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti
+from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline
@@ -46,14 +46,6 @@ from ran_bundle.spatial import (
 )
 
 LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    nib.save(img, str(path))
-    return path
 
 
 def phantom(shape=(40, 40, 40), spacing=2.0, seed=0) -> np.ndarray:
@@ -122,8 +114,8 @@ def moved_pair(tmp_path_factory) -> dict[str, Path]:
     fixed_affine[:3, 3] = -39.0
     motion = rotation(10.0, 2, [6.0, -4.0, 3.0])
     return {
-        "fixed": nifti(image, fixed_affine, d / "fixed.nii.gz"),
-        "moving": nifti(image, motion @ fixed_affine, d / "moving.nii.gz"),
+        "fixed": write_image_atomic(image, fixed_affine, d / "fixed.nii.gz"),
+        "moving": write_image_atomic(image, motion @ fixed_affine, d / "moving.nii.gz"),
         "motion": motion,
     }
 
@@ -264,8 +256,8 @@ def test_to_world_is_itks_composite_of_affine_and_deformable_field(tmp_path: Pat
     fixed_affine = np.array([[0, 0, -2.0, 40], [-2.5, 0, 0, 30], [0, 1.8, 0, -20], [0, 0, 0, 1]])
     moving_affine = fixed_affine.copy()
     moving_affine[:3, 3] += [3.0, -4.5, 5.0]
-    fixed_path = nifti(phantom(shape, 2.0, seed=1), fixed_affine, tmp_path / "fixed.nii.gz")
-    moving_path = nifti(phantom(shape, 2.0, seed=2), moving_affine, tmp_path / "moving.nii.gz")
+    fixed_path = write_image_atomic(phantom(shape, 2.0, seed=1), fixed_affine, tmp_path / "fixed.nii.gz")
+    moving_path = write_image_atomic(phantom(shape, 2.0, seed=2), moving_affine, tmp_path / "moving.nii.gz")
     pipeline = RegistrationPipeline(
         network=torch.nn.Identity(), affine="none", intensity="none", spacing=3.0, inverse=True, progress=False
     )  # type: ignore[arg-type]
