@@ -53,23 +53,21 @@ def voxel_grid(shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torc
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
 
 
+def apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """A ``(4, 4)`` matrix applied to points ``(3, *S)``, in the points' dtype: the one homogeneous point map
+    behind :func:`world_to_voxel`, :func:`voxel_to_world` and the affine stage's fixed -> moving RAS map."""
+    a = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype)
+    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+
+
 def world_to_voxel(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Map world points ``(3, *S)`` (RAS mm) to continuous voxel indices ``(3, *S)`` of a grid with ``affine``."""
-    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)), dtype=points.dtype)
-    return torch.einsum("ij,j...->i...", inv[:3, :3], points) + inv[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+    return apply_matrix(np.linalg.inv(as_affine(affine)), points)
 
 
 def voxel_to_world(index: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
     """Map voxel indices ``(3, *S)`` of a grid with ``affine`` to world points ``(3, *S)`` (RAS mm)."""
-    a = torch.as_tensor(as_affine(affine), dtype=index.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], index) + a[:3, 3].reshape(3, *([1] * (index.ndim - 1)))
-
-
-def apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    """A ``(4, 4)`` RAS matrix (e.g. the affine stage's fixed -> moving map) applied to world points ``(3, *S)``,
-    in the points' dtype."""
-    a = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
+    return apply_matrix(as_affine(affine), index)
 
 
 def sample_voxels(
