@@ -489,9 +489,7 @@ def run_batch(
         shard = [job for i, job in enumerate(jobs) if i % group.world == group.rank]
         partial = _partial_path(out_dir, group.rank, group.world)
         partial.write_text("")
-        bar = tqdm(
-            total=len(jobs), desc="pairs", unit="pair", file=sys.stderr, disable=not progress or group.rank != 0
-        )
+        bar = tqdm(total=len(jobs), desc="pairs", unit="pair", file=sys.stderr, disable=not progress or group.rank != 0)
 
         def show(own: int) -> None:
             bar.n = max(own, _count_partials(out_dir, group.world)) if group.world > 1 else own

@@ -290,15 +290,16 @@ def test_monai_bundle_inference_runs_the_batch(small, tmp_path):
     bad = tmp_path / "bad.nii.gz"
     data = (small / "images" / "subject_02.nii.gz").read_bytes()
     bad.write_bytes(data[: len(data) // 2])
-    image, label = (lambda i: str(small / "images" / f"subject_0{i}.nii.gz")), (
-        lambda i: str(small / "labels" / f"subject_0{i}.nii.gz")
+    image, label = (
+        (lambda i: str(small / "images" / f"subject_0{i}.nii.gz")),
+        (lambda i: str(small / "labels" / f"subject_0{i}.nii.gz")),
     )
     datalist = tmp_path / "datalist.json"
     pairs = [
         {"fixed_image": image(0), "moving_image": image(1), "fixed_label": label(0), "moving_label": label(1)},
         {"fixed_image": image(0), "moving_image": str(bad)},
     ]
-    datalist.write_text(json.dumps({"training": [], "test_pairs": pairs}))
+    datalist.write_text(json.dumps({"test": [], "test_pairs": pairs}))
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", "configs/inference.json",
