@@ -476,6 +476,8 @@ def run_batch(
             try:
                 folder.acquire()
                 out_dir.mkdir(exist_ok=True)
+                for old in out_dir.glob(".partial-rank*-of-*.jsonl"):  # of a killed run (the others wait below)
+                    old.unlink(missing_ok=True)
             except InputError as e:
                 refused = str(e)
         refused = group.broadcast(refused)

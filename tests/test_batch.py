@@ -319,3 +319,23 @@ def test_monai_bundle_inference_runs_the_batch(small, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert [r["status"] for r in read_summary(out)] == ["skipped", "done"]
     assert not leftovers(out)
+
+
+@pytest.mark.slow
+def test_benchmark_throughput_compares_one_process_with_one_thread_processes(tmp_path):
+    """``scripts/benchmark.py --throughput`` runs both ways on the cores it may use and reports pairs per hour."""
+    out = tmp_path / "throughput.md"
+    options = "--intensity ct --spacing 6 --affine none --io-iterations 2 2"
+    proc = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--throughput", "--throughput-pairs", "2",
+         "--throughput-options", options, "--out", str(out)],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| ")]
+    rows = [row for row in cells if "process" in row[0]]
+    cores = len(os.sched_getaffinity(0))
+    assert [r[0].strip() for r in rows] == [f"1 process x {cores} threads", f"{cores} processes x 1 thread"]
+    for row in rows:
+        pairs, wall, per_hour = int(row[1]), float(row[2]), float(row[3])
+        assert pairs == 2 and per_hour == pytest.approx(2 * 3600 / wall, rel=0.01)
