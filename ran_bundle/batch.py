@@ -14,11 +14,11 @@ What a run does (:func:`run_batch`):
 * **isolation**: a pair whose files are missing, truncated or unreadable (or that fails in any other way) is
   ``failed`` with its one-line reason; the run goes on. Nothing of a failed pair is written.
 * **processes**: launched by ``torchrun`` (``WORLD_SIZE`` set), rank ``r`` of ``w`` takes the pairs ``i`` with
-  ``i % w == r`` (the order of the list), loads the network once, uses ``cores / local world size`` threads
-  (``threads`` overrides) and its own GPU (``cuda:LOCAL_RANK``); the process group (gloo on CPU, nccl on GPU)
-  only gathers the results on rank 0. Each rank appends each pair's result to ``OUT/.partial-rank<r>-of-<w>.jsonl``
-  as it goes (rank 0's progress bar counts them); rank 0 writes ``OUT/summary.csv`` (atomically) once all ranks are
-  done. A plain command is one process without a process group.
+  ``i % w == r`` (the order of the list), loads the network once, uses ``cores / local world size`` threads in
+  PyTorch and SimpleITK (``threads`` overrides) and its own GPU (``cuda:LOCAL_RANK``); the process group (gloo on
+  CPU, nccl on GPU) only gathers the results on rank 0. Each rank appends each pair's result to
+  ``OUT/.partial-rank<r>-of-<w>.jsonl`` as it goes (rank 0's progress bar counts them); rank 0 writes
+  ``OUT/summary.csv`` (atomically) once all ranks are done. A plain command is one process without a process group.
 
 ``summary.csv`` has one row a pair (:data:`SUMMARY_COLUMNS`): ``status`` ``done`` (registered by this run),
 ``skipped`` (complete outputs of the same fingerprint found) or ``failed`` (``reason``), the mean Dice (labels of at
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
@@ -467,7 +468,9 @@ def run_batch(
     if threads is not None and threads < 1:
         raise InputError(f"--threads {threads}: expected a positive integer.")
     out_dir = Path(out_dir).absolute()
-    torch.set_num_threads(threads or default_threads())
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)  # the affine stage and resampling, likewise
     group = _Group(pipeline.device)
     folder = OutputFolder(out_dir, tool=tool, known=("summary.csv",))
     try:
