@@ -513,7 +513,7 @@ def run_batch(
             show(len(rows))
         group.wait_all(lambda: show(len(rows)))
         gathered = group.gather(rows)
-        bar.n = len(jobs) if group.rank == 0 else bar.n
+        bar.n = bar.total  # every rank is done
         bar.close()
         rows = sorted((row for part in gathered for row in part), key=lambda r: r["row"])
         if group.rank == 0:
