@@ -60,6 +60,13 @@ extract_levels=(0, 1, 2, 3))``). The default ``--models`` are the presets, the t
 Note: ``ResidualAlignerNetwork.forward`` evaluates both registration directions (batch 2 internally) in every module
 but the last, which is included in its FLOPs, time and memory.
 
+``--throughput`` measures something else: the batch runner's pairs per hour (``ran-register-batch``,
+:mod:`ran_bundle.batch`) on the cores this process may use, for 1 process with all of them as threads against
+``torchrun`` processes of 1 thread each, one process a core (:func:`throughput`): the wall time of the whole
+command (start-up and loading the network included) for ``--throughput-pairs`` pairs (default 8: the tiny CT
+subjects 1-5 onto subject 0, repeated; or ``--throughput-csv``) with ``--throughput-options`` (default: CT scaling
+at 3 mm, the rest ``ran-register``'s defaults). Run it under ``taskset -c 0,1`` for 2 cores.
+
 Speed and memory TARGETS live here (and in the reports this script writes), never in the test-suite:
 ``tests/test_benchmark.py`` only checks that the script runs and produces a well-formed table.
 
@@ -70,6 +77,8 @@ Usage::
         [--device cpu|cuda] [--amp]
         [--repeats N] [--out FILE.md] [--train] [--baseline voxelmorph] [--timeout 600] [--warmup 1]
         [--budget S] [--threads N] [--checkpointing] [--estimate-only] [--omp-wait-policy inherit|passive|active]
+    taskset -c 0,1 python scripts/benchmark.py --throughput [--throughput-pairs 8] [--throughput-csv pairs.csv]
+        [--throughput-options "--intensity ct --spacing 3"] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -376,6 +385,79 @@ def measure(args: argparse.Namespace, name: str, size: tuple[int, int, int], log
     return add_rates(row)
 
 
+def throughput_pairs(path: Path, count: int) -> Path:
+    """A pairs file of ``count`` pairs of the tiny CT data set (subjects 1-5 onto subject 0, repeated)."""
+    data = REPO / "data" / "tiny_ct"
+    lines = ["fixed,moving"]
+    for i in range(count):
+        lines.append(f"{data}/images/subject_00.nii.gz,{data}/images/subject_{i % 5 + 1:02d}.nii.gz")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def throughput(args: argparse.Namespace) -> str:
+    """Pairs per hour of ``ran-register-batch`` on this process's cores: 1 process x all cores as threads, then
+    ``torchrun`` with one 1-thread process a core, each into a fresh folder; returns the Markdown report."""
+    import csv
+    import shlex
+    import socket
+    import tempfile
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    options = shlex.split(args.throughput_options)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    rows = []
+    load_start = load_average()
+    with tempfile.TemporaryDirectory(prefix="ran-throughput-") as tmp:
+        pairs = args.throughput_csv or throughput_pairs(Path(tmp) / "pairs.csv", args.throughput_pairs)
+        batch = ["-m", "ran_bundle.batch", "--pairs", str(pairs), *options, "--quiet"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torchrun = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cores), "--nnodes", "1",
+            "--master_addr", "127.0.0.1", "--master_port", str(port),
+        ]  # fmt: skip
+        runs = [
+            (f"1 process x {cores} threads", [sys.executable, *batch, "--threads", str(cores)]),
+            (f"{cores} processes x 1 thread", [*torchrun, *batch, "--threads", "1"]),
+        ]
+        for i, (name, command) in enumerate(runs):
+            out = Path(tmp) / f"out-{i}"
+            print(f"throughput: {name} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(
+                [*command, "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                timeout=args.timeout,
+            )  # fmt: skip
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise SystemExit(f"benchmark: {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            with open(out / "summary.csv", newline="") as f:
+                summary = list(csv.DictReader(f))
+            done = [r for r in summary if r["status"] == "done"]
+            seconds = statistics.median(float(r["seconds"]) for r in done)
+            rows.append((name, len(done), wall, len(done) * 3600 / wall, seconds))
+    base = rows[0][3]
+    table = [
+        "| run | pairs | wall (s) | pairs/hour | median s/pair (one process) | speed-up |",
+        "|---|---|---|---|---|---|",
+        *(f"| {n} | {k} | {w:.1f} | {r:.0f} | {m:.1f} | {r / base:.2f} |" for n, k, w, r, m in rows),
+    ]
+    lines = [
+        machine_line("cpu"),
+        "",
+        f"Throughput of ran-register-batch on {cores} cores: {pairs if args.throughput_csv else 'tiny CT pairs'}, "
+        f"options {' '.join(options) or '(defaults)'}; wall time of the whole command, start-up and loading "
+        "the network included.",
+        "",
+        f"Load: 1-minute load average {load_start} at the start, {load_average()} at the end",
+        "",
+        *table,
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), help="input sizes DxHxW")
@@ -409,6 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the meta-device figures (params, GFLOPs, tensors): no real pass, seconds at any size",
     )
+    p.add_argument("--throughput", action="store_true", help="pairs/hour of ran-register-batch (see above)")
+    p.add_argument("--throughput-pairs", type=int, default=8, help="--throughput: tiny CT pairs (default 8)")
+    p.add_argument("--throughput-csv", type=Path, help="--throughput: your own pairs file instead")
+    p.add_argument(
+        "--throughput-options",
+        default="--intensity ct --spacing 3",
+        help="--throughput: ran-register-batch options (default: '--intensity ct --spacing 3')",
+    )
     # internal: one measurement in a fresh subprocess
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -418,6 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
+
+    if args.throughput:
+        if args.throughput_pairs < 1:
+            p.error("--throughput-pairs must be >= 1")
+        report = throughput(args)
+        print(report, flush=True)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(report)
+        return 0
 
     if args.worker:
         try:

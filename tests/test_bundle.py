@@ -131,6 +131,11 @@ def pairs() -> list[dict]:
     return out
 
 
+def inference_folders(inferred: Path) -> list[Path]:
+    """The pair folders of inference.json (``<row>_<fixed>__<moving>``, ran_bundle.batch), in row order."""
+    return sorted(p for p in inferred.iterdir() if p.is_dir())
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -187,19 +192,18 @@ def test_evaluation_csv(evaluated, pairs):
     assert all(0.0 <= d <= 1.0 for d in dices if not math.isnan(d))
 
 
-def test_inference_outputs(inferred, pairs):
+def test_inference_outputs(inferred):
     """inference.json writes each pair's outputs on the fixed image's own grid (as read from the file), the
     affine stage as an ITK transform file, a report per pair and a summary."""
     from ran_bundle.data import load_datalist
 
     data = load_datalist(REPO / "data" / "tiny_ct" / "datalist.json")
-    for p, raw in zip(pairs, data["validation_pairs"], strict=True):
-        prefix = inferred / p["name"]
-        files = {k: Path(f"{prefix}_{k}.nii.gz") for k in ("warped", "warped_label", "ddf", "jacobian")}
+    for folder, raw in zip(inference_folders(inferred), data["validation_pairs"], strict=True):
+        files = {k: folder / f"{k}.nii.gz" for k in ("warped", "warped_label", "ddf", "jacobian")}
         for path in files.values():
             assert path.is_file(), path
-        assert sitk.ReadTransform(f"{prefix}_affine.tfm").IsLinear()
-        report = json.loads(Path(f"{prefix}_report.json").read_text())
+        assert sitk.ReadTransform(str(folder / "affine.tfm")).IsLinear()
+        report = json.loads((folder / "report.json").read_text())
         assert report["inputs"]["fixed"]["path"] == raw["fixed_image"]
         fixed = nib.load(raw["fixed_image"])
         for k in ("warped", "warped_label", "jacobian"):
@@ -212,25 +216,26 @@ def test_inference_outputs(inferred, pairs):
         assert np.isfinite(np.asarray(nib.load(files["jacobian"]).dataobj)).all()
         ddf = sitk.ReadImage(str(files["ddf"]))
         assert ddf.GetNumberOfComponentsPerPixel() == 3 and ddf.GetSize() == fixed.shape[:3]
-    summary = read_csv(inferred / "inference_summary.csv")
-    assert {r["name"] for r in summary} == {p["name"] for p in pairs}
+    summary = read_csv(inferred / "summary.csv")
+    assert [r["name"] for r in summary] == [f.name for f in inference_folders(inferred)]
+    assert {r["status"] for r in summary} == {"done"}
 
 
 def test_inference_warns_when_the_setup_differs_from_the_weights(inferred):
     """The tiny run above scales CT at 3 mm with brain-MR-trained settings recorded in inference.json: every
     report says so."""
-    report = json.loads(next(inferred.glob("*_report.json")).read_text())
+    report = json.loads(next(inferred.glob("*/report.json")).read_text())
     assert any("intensity" in w or "spacing" in w for w in report["warnings"]), report["warnings"]
 
 
-def test_inference_labels_agree_with_simpleitk(inferred, pairs):
+def test_inference_labels_agree_with_simpleitk(inferred):
     """Dice of one inference output recomputed with SimpleITK's LabelOverlapMeasures equals the package's Dice
     (ran_bundle.metrics.dice_per_label, what the reports and the comparison use)."""
     from ran_bundle.data import load_datalist
     from ran_bundle.metrics import dice_per_label
 
     raw = load_datalist(REPO / "data" / "tiny_ct" / "datalist.json")["validation_pairs"][0]
-    warped = sitk.ReadImage(str(inferred / f"{pairs[0]['name']}_warped_label.nii.gz"), sitk.sitkInt16)
+    warped = sitk.ReadImage(str(inference_folders(inferred)[0] / "warped_label.nii.gz"), sitk.sitkInt16)
     fixed = sitk.ReadImage(raw["fixed_label"], sitk.sitkInt16)
     overlap = sitk.LabelOverlapMeasuresImageFilter()
     overlap.Execute(fixed, warped)
