@@ -32,7 +32,7 @@ from ignite.handlers.checkpoint import CheckpointEvents
 
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import pair_names
-from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import atomic_write, spacing_of, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.tensors import as_plain_tensor
 
@@ -443,15 +443,16 @@ class TrainingReport:
             _shown(curve) if curve is not None else f"not drawn, it needs matplotlib: {MATPLOTLIB_HINT}",
         )
         start = "" if math.isnan(self.start) else f", {self.start:.4f} with the starting weights"
+        if self.val_curve:
+            after = f"{best:.4f} (best model, epoch {epoch}; last validation {last:.4f}), "
+            after += f"{best - self.identity:+.4f} over no registration"
+        else:
+            after = "not validated (val_interval is larger than the number of epochs)"
         logger.info(
-            "validation Dice before training: %.4f with no registration%s; after training: %.4f (best model, "
-            "epoch %d; last validation %.4f), %+.4f over no registration",
+            "validation Dice before training: %.4f with no registration%s; after training: %s",
             self.identity,
             start,
-            best,
-            epoch,
-            last,
-            best - self.identity,
+            after,
         )
         logger.info("next, register a pair with the best model: %s", self.register_command())
         logger.info("all the options: ran-register --help")
@@ -462,8 +463,6 @@ class TrainingReport:
         if not _has_matplotlib() or not (self.train_curve or self.val_curve):
             return None
         from matplotlib.figure import Figure
-
-        from ran_bundle.fields import atomic_write
 
         fig = Figure(figsize=(8.0, 3.2), layout="constrained")
         loss_ax, dice_ax = fig.subplots(1, 2)
