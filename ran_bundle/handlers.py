@@ -32,7 +32,7 @@ from ignite.handlers.checkpoint import CheckpointEvents
 
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import pair_names
-from ran_bundle.fields import spacing_of, write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import atomic_write, spacing_of, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
 from ran_bundle.tensors import as_plain_tensor
 
@@ -287,24 +287,38 @@ class DatasetEpochHandler:
 
 
 class TrainingReport:
-    """Tells the person who runs a training what they get.
+    """Tells the person who runs a training what they get, and what to try next.
 
     - Before the first epoch: the validation Dice of no registration (the moving labels as they are, on the
-      validation pairs as preprocessed), the figure that every later validation Dice is to be judged against.
+      validation pairs as preprocessed), the figure that every later validation Dice is to be judged against,
+      and with ``score_start`` that of the starting weights.
     - After each validation: the Dice next to that baseline and the best so far.
-    - At the end: the best validation Dice and its epoch, and where the best model, the last training state
-      (to resume from) and the TensorBoard logs were written.
+    - At the end: the validation Dice before training (no registration; the starting weights with ``score_start``)
+      and after (the best model, and the last validation); where the best model, the last training state (to
+      resume from) and the TensorBoard logs were written; the learning curve (mean training loss per epoch and
+      validation Dice against the baseline, drawn with matplotlib, the optional ``figures`` extra, as
+      ``<log_dir>/learning_curve.png``); and the next commands to try: ``ran-register`` on the first validation
+      pair with the best model, and ``ran-register --help``.
 
     In multi-process training it is attached on every process: each scores its share of the validation pairs
     and the metric gathers them (a gather on the main process alone would wait for the others for ever);
-    only the main process logs.
+    only the main process logs and draws.
 
     Args:
         validator: the evaluator whose ``data_loader`` yields the validation pairs (with labels).
         ckpt_dir: the folder of ``model.pt`` (best) and ``model_last.pt`` (last state).
-        log_dir: the TensorBoard log folder.
+        log_dir: the TensorBoard log folder; the learning curve is written there.
         key_metric: the validator's key metric name.
+        example_pair: a pair dict (``moving_image``, ``fixed_image``, optional labels) for the ``ran-register``
+            command of the report; ``None``: the command names placeholder files.
+        spacing: the training grid's voxel size (mm), passed to that command (``None``: not passed).
+        intensity: the training's intensity scaling, passed to that command.
+        score_start: also score the network before the first step (its starting weights, e.g. pretrained ones),
+            so that the report tells what the training added; not when resuming (the resumed weights are loaded
+            after this handler's start).
     """
+
+    CURVE = "learning_curve.png"
 
     def __init__(
         self,
@@ -312,39 +326,78 @@ class TrainingReport:
         ckpt_dir: str | os.PathLike,
         log_dir: str | os.PathLike,
         key_metric: str = "val_mean_dice",
+        example_pair: Mapping[str, Any] | None = None,
+        spacing: Sequence[float] | float | None = None,
+        intensity: str = "ct",
+        score_start: bool = False,
     ) -> None:
         self.validator = validator
         self.ckpt_dir = Path(ckpt_dir)
         self.log_dir = Path(log_dir)
         self.key_metric = key_metric
+        self.example_pair = dict(example_pair) if example_pair is not None else None
+        self.spacing = spacing
+        self.intensity = intensity
+        self.score_start = bool(score_start)
         self.identity: float = math.nan
+        self.start: float = math.nan
+        self.trainer: Engine | None = None
+        self.losses: list[float] = []  # training losses of the running epoch
+        self.train_curve: list[tuple[int, float]] = []  # (epoch, mean training loss)
+        self.val_curve: list[tuple[int, float]] = []  # (epoch, validation Dice)
 
     def attach(self, engine: Engine) -> None:
+        self.trainer = engine
         engine.add_event_handler(Events.STARTED, self.baseline)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record_loss)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_loss)
         engine.add_event_handler(Events.COMPLETED, self.summary)
         self.validator.add_event_handler(Events.COMPLETED, self.after_validation)
 
     def baseline(self, engine: Engine) -> None:
-        """The mean Dice of the validation pairs without registration."""
+        """The mean Dice of the validation pairs without registration and, with ``score_start``, with the
+        network's weights before the first step (:class:`~ran_bundle.engines.RegistrationEvalStep`)."""
+        from ran_bundle.engines import RegistrationEvalStep
         from ran_bundle.metrics import MeanDiceOverLabels
 
-        metric = MeanDiceOverLabels()
+        identity, start = MeanDiceOverLabels(), MeanDiceOverLabels()
+        step = RegistrationEvalStep()
         pairs = 0
         for batch in self.validator.data_loader:
             moving, fixed = batch.get(PAIR_KEYS[2]), batch.get(PAIR_KEYS[3])
             if moving is None or fixed is None:
                 continue
-            metric(moving, fixed)
+            identity(moving, fixed)
+            if self.score_start:
+                output = step(self.validator, batch)
+                start(output["pred"], output["label"])
             pairs += int(moving.shape[0])
         if idist.all_reduce(pairs):
-            self.identity = float(metric.aggregate())
-            pairs = int(metric.get_buffer().shape[0])
+            self.identity = float(identity.aggregate())
+            self.start = float(start.aggregate()) if self.score_start else math.nan
+            pairs = int(identity.get_buffer().shape[0])
             if idist.get_rank() == 0:
                 logger.info("validation Dice with no registration (identity): %.4f over %d pairs", self.identity, pairs)
+                if self.score_start:
+                    logger.info("validation Dice with the starting weights: %.4f", self.start)
+
+    def record_loss(self, engine: Engine) -> None:
+        output = engine.state.output
+        if isinstance(output, Mapping) and output.get("loss") is not None:
+            self.losses.append(float(output["loss"]))
+
+    def epoch_loss(self, engine: Engine) -> None:
+        if self.losses:
+            self.train_curve.append((int(engine.state.epoch), float(np.mean(self.losses))))
+        self.losses = []
 
     def after_validation(self, engine: Engine) -> None:
         value = engine.state.metrics.get(self.key_metric)
-        if value is not None and idist.get_rank() == 0:
+        if value is None:
+            return
+        epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(engine.state.epoch)
+        self.val_curve.append((epoch, float(value)))
+        if idist.get_rank() == 0:
             logger.info(
                 "validation Dice %.4f (no registration: %.4f; best %.4f at epoch %d)",
                 float(value),
@@ -353,20 +406,100 @@ class TrainingReport:
                 int(getattr(engine.state, "best_metric_epoch", -1)),
             )
 
+    def register_command(self) -> str:
+        """The ``ran-register`` command line that registers the example pair with the best model."""
+        pair = self.example_pair or {"moving_image": "moving.nii.gz", "fixed_image": "fixed.nii.gz"}
+        args = ["ran-register", "--fixed", _shown(pair["fixed_image"]), "--moving", _shown(pair["moving_image"])]
+        if pair.get("moving_label") is not None and pair.get("fixed_label") is not None:
+            args += ["--fixed-label", _shown(pair["fixed_label"]), "--moving-label", _shown(pair["moving_label"])]
+        args += ["--weights", _shown(self.ckpt_dir / "model.pt"), "--intensity", str(self.intensity)]
+        if self.spacing is not None:
+            values = np.atleast_1d(np.asarray(self.spacing, dtype=float)).tolist()
+            args += ["--spacing", *(f"{v:g}" for v in (values[:1] if len(set(values)) == 1 else values))]
+        args += ["--out", _shown(self.ckpt_dir.parent / "register")]
+        if _has_matplotlib():
+            args.append("--png")
+        return " ".join(args)
+
     def summary(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
         state = self.validator.state
         best = float(getattr(state, "best_metric", math.nan)) if state is not None else math.nan
         epoch = int(getattr(state, "best_metric_epoch", -1)) if state is not None else -1
+        last = self.val_curve[-1][1] if self.val_curve else math.nan
+        curve = self.learning_curve()
         logger.info(
-            "training done after %d epochs: best validation Dice %.4f at epoch %d (no registration: %.4f). "
-            "Best model: %s. Last state (resume with --resume True): %s. TensorBoard logs: %s",
+            "training done after %d epochs (%d iterations). Best model: %s. Last state (resume with --resume True): "
+            "%s. TensorBoard logs: %s",
             engine.state.epoch,
-            best,
-            epoch,
-            self.identity,
-            self.ckpt_dir / "model.pt",
-            self.ckpt_dir / "model_last.pt",
-            self.log_dir,
+            engine.state.iteration,
+            _shown(self.ckpt_dir / "model.pt"),
+            _shown(self.ckpt_dir / "model_last.pt"),
+            _shown(self.log_dir),
         )
+        logger.info(
+            "learning curve: %s",
+            _shown(curve) if curve is not None else f"not drawn, it needs matplotlib: {MATPLOTLIB_HINT}",
+        )
+        start = "" if math.isnan(self.start) else f", {self.start:.4f} with the starting weights"
+        if self.val_curve:
+            after = f"{best:.4f} (best model, epoch {epoch}; last validation {last:.4f}), "
+            after += f"{best - self.identity:+.4f} over no registration"
+        else:
+            after = "not validated (val_interval is larger than the number of epochs)"
+        logger.info(
+            "validation Dice before training: %.4f with no registration%s; after training: %s",
+            self.identity,
+            start,
+            after,
+        )
+        logger.info("next, register a pair with the best model: %s", self.register_command())
+        logger.info("all the options: ran-register --help")
+
+    def learning_curve(self) -> Path | None:
+        """Write ``<log_dir>/learning_curve.png`` (training loss and validation Dice per epoch); ``None``
+        without matplotlib or without any epoch to draw."""
+        if not _has_matplotlib() or not (self.train_curve or self.val_curve):
+            return None
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(8.0, 3.2), layout="constrained")
+        loss_ax, dice_ax = fig.subplots(1, 2)
+        if self.train_curve:
+            epochs, losses = np.asarray(self.train_curve).T
+            loss_ax.plot(epochs, losses, marker="o", color="tab:blue")
+        loss_ax.set(xlabel="epoch", ylabel="mean training loss", title="training loss")
+        val_curve = self.val_curve if math.isnan(self.start) else [(0, self.start), *self.val_curve]
+        if val_curve:
+            epochs, dice = np.asarray(val_curve).T
+            dice_ax.plot(epochs, dice, marker="o", color="tab:green", label="registered (network)")
+        if not math.isnan(self.identity):
+            dice_ax.axhline(self.identity, color="grey", linestyle="--", label="no registration")
+        dice_ax.set(xlabel="epoch", ylabel="mean Dice", title="validation Dice")
+        dice_ax.legend(loc="lower right", fontsize=8)
+        for ax in (loss_ax, dice_ax):
+            ax.grid(alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        path = self.log_dir / self.CURVE
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png", facecolor="white"))
+
+
+MATPLOTLIB_HINT = "pip install 'ran-bundle[figures]'"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to read and to copy)."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

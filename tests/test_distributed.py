@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = "configs/train.json"
 MULTI = "configs/multi_gpu_train.json"
+#: small runs from a fresh network (the weights initial_weights() measures the training update from)
 TINY = ("--roi_size", "[32,32,16]", "--spatial_size", "[64,48,16]", "--progress_bar", "False")
+TINY += ("--pretrained_ckpt", "False")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
