@@ -8,11 +8,12 @@ The unknown is a residual displacement ``r`` on the network's grid (voxels), smo
 ``u = u_net + smooth(r)``, minimising ``-NCC_w(moving o (id + u), fixed) + weight * diffusion(u)``
 
 with the squared local NCC of the package (:func:`ran_bundle.losses.local_ncc`, window ``w``, masked to
-the fixed image's foreground), the diffusion regulariser ``mean |grad u|^2`` on the whole field and a
-folding penalty (``mean relu(-det J)``), by Adam. The defaults were chosen on two validation pairs of the
-Mindboggle split (subjects 10->11, 11->12; see docs/results.md): from a zero start, weight 10 and folding
-weight 50 gave mean Dice 0.650 / 0.624 with 0.06% / 0.03% folding, against 0.678 / 0.654 with 3.5% / 3.3%
-folding for weight 1 alone.
+the fixed image's foreground and to the user's masks, eroded by half a window; or, with ``similarity="mind"``, the
+SSD of MIND-SSC descriptors, :func:`ran_bundle.losses.mind_ssc`, for another contrast), the diffusion
+regulariser ``mean |grad u|^2`` on the whole field and a folding penalty (``mean relu(-det J)``), by Adam. The
+defaults were chosen on two validation pairs of the Mindboggle split (subjects 10->11, 11->12; see
+docs/results.md): from a zero start, weight 10 and folding weight 50 gave mean Dice 0.650 / 0.624 with 0.06% /
+0.03% folding, against 0.678 / 0.654 with 3.5% / 3.3% folding for weight 1 alone.
 Optionally a coarser level first (images and residual at half resolution, then upsampled). Fine-tuning the
 network's weights on the pair instead is :func:`finetune_network` (slow on a CPU, an option for GPUs).
 """
