@@ -83,7 +83,8 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--io-start",
         choices=("network", "zero"),
-        help="start the instance optimisation from the network's field or from the affine alone (default: network)",
+        help="start the instance optimisation from the network's field or from the affine alone "
+        "(default: network with ncc, zero with mind)",
     )
     p.add_argument("--fixed-mask", help="mask on the fixed image's grid: non-zero voxels are used by the similarity")
     p.add_argument("--moving-mask", help="mask on the moving image's grid: non-zero voxels are used by the similarity")
