@@ -30,7 +30,7 @@ _LOGGERS = ("ran_bundle",)
 
 #: what ``--longitudinal`` sets (a follow-up scan of the same subject), unless the user gives it otherwise;
 #: chosen by measurement on same-subject pairs with known fields (docs/register.md)
-LONGITUDINAL = {"affine": "rigid", "io_start": "network", "io_weight": 10.0}
+LONGITUDINAL = {"affine": "rigid", "io_start": "zero"}
 LONGITUDINAL_FLAGS = tuple(f"--{k.replace('_', '-')} {v}" for k, v in LONGITUDINAL.items())
 
 

@@ -51,6 +51,17 @@ def test_synthetic_contrast_gives_each_structure_its_own_random_intensity():
     assert 0.01 < np.abs(biased - image)[brain].mean() < 0.4
 
 
+def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_the_start_by_similarity():
+    from ran_bundle.checks import InputError
+
+    for kwargs, flag in (({"similarity": "mi"}, "--similarity"), ({"io_start": "atlas"}, "--io-start")):
+        with pytest.raises(InputError, match=flag):
+            RegistrationPipeline(network=torch.nn.Identity(), **kwargs)
+    for similarity in ("ncc", "mind"):
+        pipe = RegistrationPipeline(network=torch.nn.Identity(), similarity=similarity)
+        assert pipe.io_start == IO_START[similarity]
+
+
 @pytest.fixture(scope="module")
 def pair(shared_data: Path, tmp_path_factory, resample_isotropic) -> dict[str, Path]:
     """Subject 14 in a synthetic contrast (moving) and subject 13's T1 (fixed), with labels, at 3 mm."""
