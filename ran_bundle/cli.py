@@ -72,7 +72,9 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         metavar=("HALF", "FULL"),
         help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
     )
-    p.add_argument("--io-weight", type=float, default=None, help="weight of its diffusion regulariser (default 10)")
+    p.add_argument(
+        "--io-weight", type=float, default=None, help="weight of its diffusion regulariser (10 with ncc, 1 with mind)"
+    )
     p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
     p.add_argument(
         "--similarity",
@@ -83,8 +85,7 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--io-start",
         choices=("network", "zero"),
-        help="start the instance optimisation from the network's field or from the affine alone "
-        "(default: network with ncc, zero with mind)",
+        help="start the instance optimisation from the network's field or from the affine alone (default: network)",
     )
     p.add_argument("--fixed-mask", help="mask on the fixed image's grid: non-zero voxels are used by the similarity")
     p.add_argument("--moving-mask", help="mask on the moving image's grid: non-zero voxels are used by the similarity")
@@ -104,7 +105,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller). ``--longitudinal`` fills
     the options the user left out with :data:`LONGITUDINAL`."""
     preset = LONGITUDINAL if args.longitudinal else {}
-    defaults = {"affine": "affine", "io_iterations": (30, 40), "io_weight": 10.0}
+    defaults = {"affine": "affine", "io_iterations": (30, 40)}  # io_weight, io_start: the pipeline's per similarity
 
     def value(name: str):
         given = getattr(args, name)

@@ -89,10 +89,11 @@ logger = logging.getLogger(__name__)
 
 #: where the instance optimisation starts: the network's field, or the affine stage alone
 IO_STARTS = ("network", "zero")
-#: the default start per similarity: the network was trained on T1 pairs, and with the moving image in a synthetic
-#: other contrast MIND from the affine alone scored Dice 0.444 against 0.438 from the network's field (Mindboggle
-#: 14 -> 13 at 3 mm, docs/register.md), without the network's time
-IO_START = {"ncc": "network", "mind": "zero"}
+#: the default start and regulariser weight per similarity: with the moving image in a synthetic other contrast
+#: (Mindboggle 14 -> 13 at 3 mm, docs/register.md) MIND scored Dice 0.473 from the network's field with weight 1,
+#: against 0.438 (network) and 0.444 (zero start) with NCC's weight 10: MIND's SSD is smaller than NCC's term
+IO_START = {"ncc": "network", "mind": "network"}
+IO_WEIGHT = {"ncc": 10.0, "mind": 1.0}
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
@@ -209,7 +210,7 @@ class RegistrationPipeline:
         initial_transform: an ITK transform file (affine/rigid, fixed -> moving points) to start from; with
             ``affine="none"`` it is used as the affine stage's result.
         io_iterations: instance-optimisation iterations ``(half resolution, full resolution)``; ``(0, 0)`` off.
-        io_weight: weight of its diffusion regulariser.
+        io_weight: weight of its diffusion regulariser; ``None``: :data:`IO_WEIGHT` of ``similarity``.
         io_fold_weight: weight of its folding penalty.
         similarity: similarity of the instance optimisation: ``"ncc"`` (local NCC, same contrast) or ``"mind"``
             (SSD of MIND-SSC descriptors, another contrast).
@@ -237,7 +238,7 @@ class RegistrationPipeline:
         affine: str = "affine",
         initial_transform: str | os.PathLike | None = None,
         io_iterations: Sequence[int] = (30, 40),
-        io_weight: float = 10.0,
+        io_weight: float | None = None,
         io_fold_weight: float = 50.0,
         similarity: str = "ncc",
         io_start: str | None = None,
@@ -257,6 +258,7 @@ class RegistrationPipeline:
         if similarity not in SIMILARITIES:
             raise InputError(f"--similarity {similarity!r}: expected one of {SIMILARITIES}.")
         io_start = IO_START[similarity] if io_start is None else io_start
+        io_weight = IO_WEIGHT[similarity] if io_weight is None else io_weight
         if io_start not in IO_STARTS:
             raise InputError(f"--io-start {io_start!r}: expected one of {IO_STARTS}.")
         iterations = [int(n) for n in io_iterations]

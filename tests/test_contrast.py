@@ -17,7 +17,7 @@ import torch
 
 from ran_bundle.fields import write_image_atomic
 from ran_bundle.metrics import dice_per_label
-from ran_bundle.pipeline import DEFAULT_WEIGHTS, IO_START, RegistrationPipeline
+from ran_bundle.pipeline import DEFAULT_WEIGHTS, IO_START, IO_WEIGHT, RegistrationPipeline
 from ran_bundle.spatial import foreground_mask
 from ran_bundle.synthetic import synthetic_contrast
 
@@ -51,7 +51,7 @@ def test_synthetic_contrast_gives_each_structure_its_own_random_intensity():
     assert 0.01 < np.abs(biased - image)[brain].mean() < 0.4
 
 
-def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_the_start_by_similarity():
+def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_start_and_weight_by_similarity():
     from ran_bundle.checks import InputError
 
     for kwargs, flag in (({"similarity": "mi"}, "--similarity"), ({"io_start": "atlas"}, "--io-start")):
@@ -59,7 +59,7 @@ def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_the_start_by_
             RegistrationPipeline(network=torch.nn.Identity(), **kwargs)
     for similarity in ("ncc", "mind"):
         pipe = RegistrationPipeline(network=torch.nn.Identity(), similarity=similarity)
-        assert pipe.io_start == IO_START[similarity]
+        assert pipe.io_start == IO_START[similarity] and pipe.io_weight == IO_WEIGHT[similarity]
 
 
 @pytest.fixture(scope="module")
