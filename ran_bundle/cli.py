@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 __all__ = [
+    "LONGITUDINAL",
     "add_pipeline_options",
     "pipeline_options",
     "register_parser",
@@ -26,6 +27,11 @@ __all__ = [
 ]
 
 _LOGGERS = ("ran_bundle",)
+
+#: what ``--longitudinal`` sets (a follow-up scan of the same subject), unless the user gives it otherwise;
+#: chosen by measurement on same-subject pairs with known fields (docs/register.md)
+LONGITUDINAL = {"affine": "rigid", "io_start": "zero"}
+LONGITUDINAL_FLAGS = ("--affine rigid", "--no-network")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,23 +62,40 @@ def _fail(name: str, message: str, status: int = 2) -> NoReturn:
 def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     """The registration options every front end of the pipeline takes (``ran-register``, the MONAI Deploy app),
     with one set of names and defaults; :func:`pipeline_options` turns them into pipeline arguments."""
-    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage (default)")
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), default=None, help="affine stage (default affine)")
     p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
     p.add_argument(
         "--no-network",
-        action="store_true",
+        dest="io_start",
+        action="store_const",
+        const="zero",
         help="start the instance optimisation from a zero field instead of the network's (no weights are read)",
     )
     p.add_argument(
         "--io-iterations",
         nargs=2,
         type=int,
-        default=(30, 40),
+        default=None,
         metavar=("HALF", "FULL"),
         help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
     )
-    p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
+    p.add_argument(
+        "--io-weight", type=float, default=None, help="weight of its diffusion regulariser (10 with ncc, 1 with mind)"
+    )
     p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
+    p.add_argument(
+        "--similarity",
+        choices=("ncc", "mind"),
+        default="ncc",
+        help="similarity of the instance optimisation: ncc (same contrast) or mind (MIND-SSC, another contrast)",
+    )
+    p.add_argument("--fixed-mask", help="mask on the fixed image's grid: non-zero voxels are used by the similarity")
+    p.add_argument("--moving-mask", help="mask on the moving image's grid: non-zero voxels are used by the similarity")
+    p.add_argument(
+        "--longitudinal",
+        action="store_true",
+        help=f"a follow-up scan of the same subject: {' '.join(LONGITUDINAL_FLAGS)} unless given otherwise",
+    )
     p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
     p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -81,15 +104,26 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
 
 def pipeline_options(args: argparse.Namespace) -> dict:
     """:class:`~ran_bundle.pipeline.RegistrationPipeline` keyword arguments from the options of
-    :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller)."""
+    :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller). ``--longitudinal`` fills
+    the options the user left out with :data:`LONGITUDINAL`."""
+    preset = LONGITUDINAL if args.longitudinal else {}
+    defaults = {"affine": "affine", "io_iterations": (30, 40)}  # io_weight, io_start: the pipeline's per similarity
+
+    def value(name: str):
+        given = getattr(args, name)
+        return given if given is not None else preset.get(name, defaults.get(name))
+
     return {
         "spacing": " ".join(args.spacing),
         "intensity": args.intensity,
-        "affine": args.affine,
-        "io_iterations": (0, 0) if args.no_io else tuple(args.io_iterations),
-        "io_weight": args.io_weight,
+        "affine": value("affine"),
+        "io_iterations": (0, 0) if args.no_io else tuple(value("io_iterations")),
+        "io_weight": value("io_weight"),
         "io_fold_weight": args.io_fold_weight,
-        "use_network": not args.no_network,
+        "similarity": args.similarity,
+        "io_start": value("io_start"),
+        "fixed_mask": args.fixed_mask,
+        "moving_mask": args.moving_mask,
         "inverse": args.inverse,
         "progress": not args.quiet,
     }

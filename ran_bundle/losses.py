@@ -8,7 +8,8 @@ Conventions (shared by the whole package):
   (the convention of :class:`monai.networks.blocks.Warp`).
 
 The module has a functional core of plain functions (:func:`box_sum`, :func:`local_ncc`,
-:func:`masked_mse`, :func:`spatial_diffs`, :func:`edge_weights`, :func:`edge_aware_smoothness`)
+:func:`masked_mse`, :func:`mind_ssc`, :func:`mind_ssd`, :func:`spatial_diffs`, :func:`edge_weights`,
+:func:`edge_aware_smoothness`)
 and thin :class:`torch.nn.modules.loss._Loss` wrappers that keep the hyperparameters; the label
 overlap term is MONAI's :class:`~monai.losses.DiceLoss`. The training objective of the paper
 (Zheng et al., "Residual Aligner Network", eq. 13) and of its released code is
@@ -41,6 +42,8 @@ __all__ = [
     "box_sum",
     "local_ncc",
     "masked_mse",
+    "mind_ssc",
+    "mind_ssd",
     "spatial_diffs",
     "edge_weights",
     "edge_aware_smoothness",
@@ -179,6 +182,77 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
         return sq.mean(dims)
     m = mask.to(sq.dtype).expand_as(sq)
     return (sq * m).sum(dims) / m.sum(dims).clamp_min(1.0)
+
+
+# MIND-SSC (Heinrich et al., "Towards realtime multimodal fusion for image-guided interventions using
+# self-similarity", MICCAI 2013): MONAI 1.6.1 has no MIND, so it is written here once, after its definition.
+#: the six face neighbours of a voxel (unit offsets)
+_SIX = ((1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1))
+#: the 12 pairs of six-neighbours at distance sqrt(2) from each other (neither equal nor opposite)
+MIND_SSC_PAIRS = tuple(
+    (a, b)
+    for i, a in enumerate(_SIX)
+    for b in _SIX[i + 1 :]
+    if sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) == 2
+)
+
+
+def _shift(x: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
+    """``y(p) = x(p + offset)`` of ``(B, C, D, H, W)``, the border voxel repeated outside the image."""
+    pad = max(abs(o) for o in offset)
+    if pad == 0:
+        return x
+    padded = F.pad(x, [pad] * 6, mode="replicate")
+    d, h, w = x.shape[2:]
+    o = [pad + k for k in offset]
+    return padded[:, :, o[0] : o[0] + d, o[1] : o[1] + h, o[2] : o[2] + w]
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2, eps: float = 1e-3) -> torch.Tensor:
+    """MIND-SSC descriptors (modality independent neighbourhood descriptor, self-similarity context) of a 3-D image.
+
+    For each of the 12 pairs ``(a, b)`` of :data:`MIND_SSC_PAIRS` (six-neighbourhood offsets at distance
+    ``sqrt(2)``, scaled by ``dilation`` voxels), the patch distance
+    ``D_ab(p) = mean over the (2 radius + 1)^3 patch around p of (I(q + dilation a) - I(q + dilation b))^2``;
+    then ``D' = D - min_ab D`` and ``MIND_ab(p) = exp(-D'_ab(p) / V(p))`` with the variance estimate
+    ``V(p) = mean_ab D'_ab(p)``, clamped to ``[eps, 1/eps]`` times its mean over the image (the form of the
+    Learn2Reg reference code, which ConvexAdam uses). Each descriptor depends only on local intensity differences
+    within one image, so descriptors of two contrasts of the same anatomy can be compared by SSD.
+
+    Args:
+        image: ``(B, 1, D, H, W)``.
+        radius: patch radius (voxels).
+        dilation: distance of the neighbours (voxels).
+        eps: relative clamp of the variance estimate.
+
+    Returns:
+        ``(B, 12, D, H, W)`` in ``(0, 1]``.
+    """
+    _check_spatial(image, 3, "image")
+    k = 2 * radius + 1
+    distances = []
+    for a, b in MIND_SSC_PAIRS:
+        diff = _shift(image, [dilation * v for v in a]) - _shift(image, [dilation * v for v in b])
+        distances.append(diff.square())
+    d = torch.cat(distances, dim=1)
+    d = F.avg_pool3d(F.pad(d, [radius] * 6, mode="replicate"), k, stride=1)
+    d = d - d.amin(dim=1, keepdim=True)
+    var = d.mean(dim=1, keepdim=True)
+    scale = var.mean()
+    var = var.clamp(min=float(scale) * eps, max=float(scale) / eps).clamp_min(1e-12)
+    return torch.exp(-d / var)
+
+
+def mind_ssd(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Masked mean over voxels of the mean squared difference of two descriptor maps ``(B, C, *spatial)``
+    (e.g. :func:`mind_ssc` of the warped moving and of the fixed image), per batch item ``(B,)``; lower is better.
+    ``mask``: ``(B, 1, *spatial)`` weights; ``None`` averages over all voxels."""
+    ssd = (pred - target).square().mean(1)  # (B, *spatial)
+    dims = tuple(range(1, ssd.ndim))
+    if mask is None:
+        return ssd.mean(dims)
+    m = mask.to(ssd.dtype).expand(ssd.shape[0], 1, *ssd.shape[1:]).sum(1)
+    return (ssd * m).sum(dims) / m.sum(dims).clamp_min(1e-6)
 
 
 def spatial_diffs(x: torch.Tensor, pad_first: bool = False) -> list[torch.Tensor]:

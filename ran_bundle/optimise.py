@@ -8,11 +8,12 @@ The unknown is a residual displacement ``r`` on the network's grid (voxels), smo
 ``u = u_net + smooth(r)``, minimising ``-NCC_w(moving o (id + u), fixed) + weight * diffusion(u)``
 
 with the squared local NCC of the package (:func:`ran_bundle.losses.local_ncc`, window ``w``, masked to
-the fixed image's foreground), the diffusion regulariser ``mean |grad u|^2`` on the whole field and a
-folding penalty (``mean relu(-det J)``), by Adam. The defaults were chosen on two validation pairs of the
-Mindboggle split (subjects 10->11, 11->12; see docs/results.md): from a zero start, weight 10 and folding
-weight 50 gave mean Dice 0.650 / 0.624 with 0.06% / 0.03% folding, against 0.678 / 0.654 with 3.5% / 3.3%
-folding for weight 1 alone.
+the fixed image's foreground and to the user's masks, eroded by half a window; or, with ``similarity="mind"``, the
+SSD of MIND-SSC descriptors, :func:`ran_bundle.losses.mind_ssc`, for another contrast), the diffusion
+regulariser ``mean |grad u|^2`` on the whole field and a folding penalty (``mean relu(-det J)``), by Adam. The
+defaults were chosen on two validation pairs of the Mindboggle split (subjects 10->11, 11->12; see
+docs/results.md): from a zero start, weight 10 and folding weight 50 gave mean Dice 0.650 / 0.624 with 0.06% /
+0.03% folding, against 0.678 / 0.654 with 3.5% / 3.3% folding for weight 1 alone.
 Optionally a coarser level first (images and residual at half resolution, then upsampled). Fine-tuning the
 network's weights on the pair instead is :func:`finetune_network` (slow on a CPU, an option for GPUs).
 """
@@ -29,11 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from ran_bundle.engines import registration_train_step
-from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc
+from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc, mind_ssc, mind_ssd
 from ran_bundle.networks.blocks import warp
 from ran_bundle.spatial import foreground_mask
 
-__all__ = ["OptimisationResult", "diffusion", "optimise_field", "finetune_network"]
+__all__ = ["SIMILARITIES", "OptimisationResult", "diffusion", "optimise_field", "finetune_network"]
+
+#: similarities of the instance optimisation: local NCC (same contrast), MIND-SSC + SSD (another contrast)
+SIMILARITIES = ("ncc", "mind")
 
 
 @dataclass
@@ -96,6 +100,18 @@ def _resize(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=tuple(shape), mode=mode, align_corners=True)
 
 
+def _erode(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """``mask`` ``(1, 1, *S)`` in [0, 1] eroded by half a window: a voxel keeps its weight only where the whole
+    window around it lies inside the mask, so that no window of the local statistics sees excluded voxels."""
+    pool = F.max_pool3d if mask.ndim == 5 else F.max_pool2d
+    return 1.0 - pool(1.0 - mask, window, stride=1, padding=window // 2)
+
+
+def _features(image: torch.Tensor, similarity: str) -> torch.Tensor:
+    """What the similarity compares: the image itself (``"ncc"``) or its MIND-SSC descriptors (``"mind"``)."""
+    return mind_ssc(image) if similarity == "mind" else image
+
+
 def _level(
     moving: torch.Tensor,
     fixed: torch.Tensor,
@@ -109,23 +125,36 @@ def _level(
     bar,
     fold_weight: float = 0.0,
     svf: bool = False,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    similarity: str = "ncc",
 ) -> torch.Tensor:
     residual = residual.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([residual], lr=lr)
-    mask = foreground_mask(fixed)
+    region = foreground_mask(fixed).float()
+    if fixed_mask is not None:
+        region = region * _erode(fixed_mask.float(), window)
+    moving_features, fixed_features = _features(moving, similarity), _features(fixed, similarity)
     kernel = [window] * (fixed.ndim - 2)
     for _ in range(iterations):
         optimiser.zero_grad(set_to_none=True)
         ddf = _compose(start, _smooth(residual), svf)
-        similarity = local_ncc(warp(moving, ddf), fixed, kernel, mask).mean()
-        loss = -similarity + weight * diffusion(ddf)
+        weights = region
+        if moving_mask is not None:  # the moving mask follows the current field (no gradient through it)
+            weights = region * _erode(warp(moving_mask.float(), ddf.detach()), window)
+        warped = warp(moving_features, ddf)
+        if similarity == "mind":
+            dissimilarity = mind_ssd(warped, fixed_features, weights).mean()
+        else:
+            dissimilarity = -local_ncc(warped, fixed_features, kernel, weights).mean()
+        loss = dissimilarity + weight * diffusion(ddf)
         if fold_weight:
             loss = loss + fold_weight * folding_penalty(ddf)
         loss.backward()
         optimiser.step()
         losses.append(float(loss.detach()))
         bar.update(1)
-        bar.set_postfix(ncc=f"{float(similarity.detach()):.4f}")
+        bar.set_postfix({similarity: f"{abs(float(dissimilarity.detach())):.4f}"})
     return residual.detach()
 
 
@@ -140,6 +169,9 @@ def optimise_field(
     fold_weight: float = 50.0,
     svf: bool = False,
     progress: bool = True,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    similarity: str = "ncc",
 ) -> OptimisationResult:
     """Refine ``ddf`` for this pair (instance optimisation of the field, not of the network).
 
@@ -156,12 +188,20 @@ def optimise_field(
         svf: refine by a diffeomorphic update (:func:`exponentiate`, composed before the start) instead of
             adding the residual.
         progress: show a tqdm bar on stderr.
+        fixed_mask: ``(1, 1, *S)`` voxels of the fixed image that count (non-zero), on the same grid.
+        moving_mask: ``(1, 1, *S)`` voxels of the moving image that count, on the same grid (the moving image's
+            mask mapped like the moving image); it is warped with the field at each iteration.
+        similarity: ``"ncc"`` (local NCC of the intensities, same contrast) or ``"mind"`` (SSD of the MIND-SSC
+            descriptors, :func:`ran_bundle.losses.mind_ssc`: another contrast).
+
+    Both masks are eroded by half the NCC window and multiplied with the fixed image's foreground: a voxel counts
+    in the similarity only where no excluded voxel lies in the window around it.
 
     Returns:
         :class:`OptimisationResult`.
 
     Raises:
-        ValueError: shapes that do not match, or no iterations.
+        ValueError: shapes that do not match, no iterations, or an unknown similarity.
     """
     from tqdm import tqdm
 
@@ -170,6 +210,11 @@ def optimise_field(
             f"optimise_field: moving {tuple(moving.shape)}, fixed {tuple(fixed.shape)} and ddf {tuple(ddf.shape)} "
             "must share one grid."
         )
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+    for name, mask in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask)):
+        if mask is not None and mask.shape[2:] != fixed.shape[2:]:
+            raise ValueError(f"optimise_field: {name} {tuple(mask.shape)} is not on the grid {tuple(fixed.shape)}.")
     iterations = [int(n) for n in iterations]
     if not iterations or any(n < 0 for n in iterations) or len(iterations) > 2:
         raise ValueError(f"iterations must be one or two non-negative counts (coarse, fine), got {iterations}.")
@@ -182,14 +227,17 @@ def optimise_field(
         if len(iterations) == 2 and iterations[0] > 0:
             m2, f2 = _downsample(moving), _downsample(fixed)
             start2 = _resize(start, f2.shape[2:]) * 0.5
+            masks2 = [None if m is None else _downsample(m.float()) for m in (fixed_mask, moving_mask)]
             coarse = _level(
-                m2, f2, start2, torch.zeros_like(start2), iterations[0], lr, window, weight, losses, bar, fold_weight
-            )
+                m2, f2, start2, torch.zeros_like(start2), iterations[0], lr, window, weight, losses, bar, fold_weight,
+                fixed_mask=masks2[0], moving_mask=masks2[1], similarity=similarity,
+            )  # fmt: skip
             # the smoothed coarse residual, in fine voxels, becomes part of the fine level's start
             start = _compose(start, _resize(_smooth(coarse), fixed.shape[2:]) * 2.0, svf)
         residual = _level(
-            moving, fixed, start, residual, iterations[-1], lr, window, weight, losses, bar, fold_weight, svf
-        )
+            moving, fixed, start, residual, iterations[-1], lr, window, weight, losses, bar, fold_weight, svf,
+            fixed_mask, moving_mask, similarity,
+        )  # fmt: skip
     refined = _compose(start, _smooth(residual), svf)
     return OptimisationResult(refined.detach(), losses, iterations, time.perf_counter() - start_time)
 

@@ -59,7 +59,7 @@ from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, regi
 from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import jacobian_determinant
 from ran_bundle.networks import ResidualAlignerNetwork
-from ran_bundle.optimise import finetune_network, optimise_field
+from ran_bundle.optimise import SIMILARITIES, finetune_network, optimise_field
 from ran_bundle.spatial import (
     Grid,
     apply_matrix,
@@ -87,6 +87,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: where the instance optimisation starts: the network's field, or the affine stage alone
+IO_STARTS = ("network", "zero")
+#: the default start and regulariser weight per similarity: with the moving image in a synthetic other contrast
+#: (Mindboggle 14 -> 13 at 3 mm, docs/register.md) MIND scored Dice 0.473 from the network's field with weight 1,
+#: against 0.438 (network) and 0.444 (zero start) with NCC's weight 10: MIND's SSD is smaller than NCC's term
+IO_START = {"ncc": "network", "mind": "network"}
+IO_WEIGHT = {"ncc": 10.0, "mind": 1.0}
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
@@ -112,20 +119,39 @@ class PairInputs:
     moving: Volume
     fixed_label: Volume | None = None
     moving_label: Volume | None = None
+    fixed_mask: Volume | None = None
+    moving_mask: Volume | None = None
 
     def sitk(self, which: str) -> sitk.Image:
         """``"fixed"`` or ``"moving"`` as a SimpleITK image (float32) with its physical geometry."""
         volume = self.fixed if which == "fixed" else self.moving
         return to_sitk_image(volume.array.astype(np.float32), volume.affine)
 
+    def sitk_mask(self, which: str) -> sitk.Image | None:
+        """The ``"fixed"`` or ``"moving"`` mask (1 = use, float32) on its image's geometry, or ``None``."""
+        mask = self.fixed_mask if which == "fixed" else self.moving_mask
+        image = self.fixed if which == "fixed" else self.moving
+        return None if mask is None else to_sitk_image((mask.array != 0).astype(np.float32), image.affine)
+
+    def mask_counts(self) -> dict[str, dict[str, Any]]:
+        """For each mask given: its file, its voxels and how many of them it removes (zero voxels)."""
+        return {
+            role: {"path": mask.path, "voxels": int(mask.array.size), "voxels_removed": int((mask.array == 0).sum())}
+            for role, mask in (("fixed_mask", self.fixed_mask), ("moving_mask", self.moving_mask))
+            if mask is not None
+        }
+
 
 @dataclass
 class NetworkPair:
-    """The pair on the network grid (step 3): ``moving`` and ``fixed`` ``(1, 1, *S)`` float32 in [0, 1]."""
+    """The pair on the network grid (step 3): ``moving`` and ``fixed`` ``(1, 1, *S)`` float32 in [0, 1]; the masks
+    ``(1, 1, *S)`` (1 = use; the moving one mapped like the moving image) when given."""
 
     moving: torch.Tensor
     fixed: torch.Tensor
     grid: Grid
+    fixed_mask: torch.Tensor | None = None
+    moving_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -184,15 +210,23 @@ class RegistrationPipeline:
         initial_transform: an ITK transform file (affine/rigid, fixed -> moving points) to start from; with
             ``affine="none"`` it is used as the affine stage's result.
         io_iterations: instance-optimisation iterations ``(half resolution, full resolution)``; ``(0, 0)`` off.
-        io_weight: weight of its diffusion regulariser.
+        io_weight: weight of its diffusion regulariser; ``None``: :data:`IO_WEIGHT` of ``similarity``.
         io_fold_weight: weight of its folding penalty.
+        similarity: similarity of the instance optimisation: ``"ncc"`` (local NCC, same contrast) or ``"mind"``
+            (SSD of MIND-SSC descriptors, another contrast).
+        io_start: where the instance optimisation starts: ``"network"`` (the network's field) or ``"zero"``
+            (``--no-network``: the affine stage alone; no weights are read, the network is not run; the measure of
+            the network's worth, and a choice for images unlike its training data); ``None``: :data:`IO_START` of
+            ``similarity``.
+        fixed_mask: default fixed-image mask file (non-zero = use) of :meth:`register`, on the fixed image's grid:
+            the voxels the affine metric and the instance optimisation's similarity use. The network's input is
+            not masked.
+        moving_mask: the same for the moving image, on its grid.
         finetune_steps: fine-tune a copy of the network on the pair first (slow on a CPU; 0 = off).
         finetune_lr: its Adam learning rate.
         inverse: also compute the inverse mapping.
         progress: progress bars on stderr.
         network: an already loaded network (then ``weights`` only names it in the report).
-        use_network: ``False`` starts the instance optimisation from a zero field instead of the network's (no
-            weights are read): the measure of the network's worth, and a choice for images unlike its training data.
     """
 
     def __init__(
@@ -206,26 +240,35 @@ class RegistrationPipeline:
         affine: str = "affine",
         initial_transform: str | os.PathLike | None = None,
         io_iterations: Sequence[int] = (30, 40),
-        io_weight: float = 10.0,
+        io_weight: float | None = None,
         io_fold_weight: float = 50.0,
+        similarity: str = "ncc",
+        io_start: str | None = None,
+        fixed_mask: str | os.PathLike | None = None,
+        moving_mask: str | os.PathLike | None = None,
         finetune_steps: int = 0,
         finetune_lr: float = 1e-4,
         inverse: bool = False,
         progress: bool = True,
         network: ResidualAlignerNetwork | None = None,
-        use_network: bool = True,
     ) -> None:
         self.spacing = parse_spacing(spacing)
         if intensity not in INTENSITIES:
             raise InputError(f"--intensity {intensity!r}: expected one of {INTENSITIES}.")
         if affine not in AFFINE_STAGES:
             raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
+        if similarity not in SIMILARITIES:
+            raise InputError(f"--similarity {similarity!r}: expected one of {SIMILARITIES}.")
+        io_start = IO_START[similarity] if io_start is None else io_start
+        io_weight = IO_WEIGHT[similarity] if io_weight is None else io_weight
+        if io_start not in IO_STARTS:
+            raise InputError(f"io_start {io_start!r}: expected one of {IO_STARTS} ('zero' is --no-network).")
         iterations = [int(n) for n in io_iterations]
         if len(iterations) != 2 or any(n < 0 for n in iterations):
             raise InputError(f"--io-iterations {io_iterations!r}: expected two non-negative integers.")
         if not (isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0):
             raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
-        if finetune_steps and not use_network:
+        if finetune_steps and io_start == "zero":
             raise InputError("--finetune-steps fine-tunes the network: it cannot be used with --no-network.")
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")
@@ -241,15 +284,18 @@ class RegistrationPipeline:
         self.io_iterations = (iterations[0], iterations[1])
         self.io_weight = float(io_weight)
         self.io_fold_weight = float(io_fold_weight)
+        self.similarity = similarity
+        self.io_start = io_start
+        self.fixed_mask = fixed_mask
+        self.moving_mask = moving_mask
         self.finetune_steps = int(finetune_steps)
         self.finetune_lr = float(finetune_lr)
         self.inverse = bool(inverse)
         self.progress = bool(progress)
         self.preset = preset
         self.weights = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-        self.use_network = bool(use_network)
-        if not self.use_network:
-            self.network = None
+        if io_start == "zero":
+            self.network = None  # --no-network: no weights are read
         else:
             self.network = network if network is not None else load_network(self.weights, preset, self.device)
         self.timings: dict[str, float] = {}
@@ -268,13 +314,19 @@ class RegistrationPipeline:
         moving: str | os.PathLike,
         fixed_label: str | os.PathLike | None = None,
         moving_label: str | os.PathLike | None = None,
+        fixed_mask: str | os.PathLike | None = None,
+        moving_mask: str | os.PathLike | None = None,
     ) -> PairInputs:
-        """Read and check the files (nothing is computed or written before this passes).
+        """Read and check the files (nothing is computed or written before this passes). The masks default to
+        the pipeline's ``fixed_mask`` and ``moving_mask``.
 
         Raises:
-            InputError: missing/unreadable/non-3-D/NaN/constant images, labels on another grid or
-                holding non-integer values, or images too small for the network at ``spacing``.
+            InputError: missing/unreadable/non-3-D/NaN/constant images, labels or masks on another grid,
+                labels holding non-integer values, a mask that removes every voxel, or images too small for the
+                network at ``spacing``.
         """
+        fixed_mask = self.fixed_mask if fixed_mask is None else fixed_mask
+        moving_mask = self.moving_mask if moving_mask is None else moving_mask
         with self._step("check_inputs", "checking the inputs"):
             inputs = PairInputs(
                 load_volume(fixed, "fixed image", require_contrast=True),
@@ -288,6 +340,14 @@ class RegistrationPipeline:
                 if label.array.dtype.kind == "f" and not np.allclose(label.array, np.rint(label.array), atol=1e-3):
                     raise InputError(f"{role} {label.path}: holds non-integer values; is it an image?")
                 setattr(inputs, role.replace(" ", "_"), label)
+            for role, path in (("fixed mask", fixed_mask), ("moving mask", moving_mask)):
+                if path is None:
+                    continue
+                mask = load_volume(path, role)
+                check_same_grid(mask, inputs.fixed if role == "fixed mask" else inputs.moving)
+                if not np.any(mask.array):
+                    raise InputError(f"{role} {mask.path}: holds only zeros; it would remove every voxel.")
+                setattr(inputs, role.replace(" ", "_"), mask)
             for volume in (inputs.fixed, inputs.moving):
                 extent = np.asarray(volume.array.shape) * np.asarray(volume.spacing)
                 voxels = extent / np.asarray(self.spacing)
@@ -303,7 +363,12 @@ class RegistrationPipeline:
         """The affine stage: a ``(4, 4)`` RAS map of fixed points to moving points."""
         with self._step("affine", f"affine stage: {self.affine_stage}"):
             return register_affine(
-                inputs.sitk("fixed"), inputs.sitk("moving"), stage=self.affine_stage, initial=self.initial
+                inputs.sitk("fixed"),
+                inputs.sitk("moving"),
+                stage=self.affine_stage,
+                initial=self.initial,
+                fixed_mask=inputs.sitk_mask("fixed"),
+                moving_mask=inputs.sitk_mask("moving"),
             )
 
     # ---- 3 ----
@@ -314,8 +379,19 @@ class RegistrationPipeline:
             grid = foreground_grid(fixed_image, self.spacing)
             fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity)
             moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), self.intensity)
+            masks = {}
+            for which, matrix in (("fixed", None), ("moving", affine.matrix)):
+                mask = inputs.sitk_mask(which)
+                if mask is not None:  # a grid voxel is used when at least half of it was
+                    masks[which] = torch.from_numpy(resample_to_grid(mask, grid, matrix) >= 0.5)[None, None].float()
         logger.info("network grid %s at %s mm", grid.shape, tuple(round(s, 3) for s in grid.spacing))
-        return NetworkPair(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None], grid)
+        return NetworkPair(
+            torch.from_numpy(moving)[None, None],
+            torch.from_numpy(fixed)[None, None],
+            grid,
+            masks.get("fixed"),
+            masks.get("moving"),
+        )
 
     # ---- 4 ----
     def predict(self, pair: NetworkPair) -> torch.Tensor:
@@ -342,10 +418,15 @@ class RegistrationPipeline:
 
     # ---- 5 ----
     def optimise(self, pair: NetworkPair, ddf: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-        """Instance optimisation of the field (:func:`~ran_bundle.optimise.optimise_field`)."""
+        """Instance optimisation of the field (:func:`~ran_bundle.optimise.optimise_field`), from ``ddf`` or, with
+        ``io_start="zero"``, from no deformation; with the pair's masks and the pipeline's similarity."""
+        if self.io_start == "zero":
+            ddf = torch.zeros_like(ddf)
         if sum(self.io_iterations) == 0:
             return ddf, []
-        with self._step("optimise", f"instance optimisation: {self.io_iterations} iterations"):
+        masks = [None if m is None else m.to(self.device) for m in (pair.fixed_mask, pair.moving_mask)]
+        message = f"instance optimisation: {self.io_iterations} iterations, {self.similarity}, from {self.io_start}"
+        with self._step("optimise", message):
             result = optimise_field(
                 pair.moving.to(self.device),
                 pair.fixed.to(self.device),
@@ -354,6 +435,9 @@ class RegistrationPipeline:
                 weight=self.io_weight,
                 fold_weight=self.io_fold_weight,
                 progress=self.progress,
+                fixed_mask=masks[0],
+                moving_mask=masks[1],
+                similarity=self.similarity,
             )
         return result.ddf.cpu(), result.losses
 
@@ -425,13 +509,19 @@ class RegistrationPipeline:
         moving: str | os.PathLike,
         fixed_label: str | os.PathLike | None = None,
         moving_label: str | os.PathLike | None = None,
+        fixed_mask: str | os.PathLike | None = None,
+        moving_mask: str | os.PathLike | None = None,
     ) -> Registration:
-        """Run steps 1-6 on one pair of files."""
+        """Run steps 1-6 on one pair of files (masks: default the pipeline's; the network is not run with
+        ``io_start="zero"``)."""
         self.timings = {}
-        inputs = self.check_inputs(fixed, moving, fixed_label, moving_label)
+        inputs = self.check_inputs(fixed, moving, fixed_label, moving_label, fixed_mask, moving_mask)
         affine = self.run_affine(inputs)
         pair = self.preprocess(inputs, affine)
-        ddf_network = self.predict(pair)
+        if self.io_start == "zero":
+            ddf_network = torch.zeros(1, 3, *pair.grid.shape)
+        else:
+            ddf_network = self.predict(pair)
         ddf, losses = self.optimise(pair, ddf_network)
         world = self.to_world(inputs, affine, pair.grid, ddf_voxel_to_mm(ddf, pair.grid.affine))
         for warning in world["warnings"]:
@@ -512,8 +602,7 @@ class RegistrationPipeline:
                 "mattes_mi": registration.affine.metric,
             },
             "network": {
-                "used": self.use_network,
-                "weights": str(self.weights) if self.use_network else None,
+                "weights": str(self.weights) if self.network is not None else None,
                 "preset": self.preset,
                 "device": str(self.device),
                 "amp": self.amp,
@@ -521,8 +610,12 @@ class RegistrationPipeline:
                 "grid_spacing_mm": list(registration.pair.grid.spacing),
                 "intensity": self.intensity,
                 "finetune_steps": self.finetune_steps,
+                "run": self.io_start == "network",
             },
+            "masks": inputs.mask_counts(),
             "instance_optimisation": {
+                "similarity": self.similarity,
+                "start": self.io_start,
                 "iterations": list(self.io_iterations),
                 "weight": self.io_weight,
                 "fold_weight": self.io_fold_weight,

@@ -42,6 +42,8 @@ Pieces:
   intensity, crop/pad, deform);
 - data: :class:`SyntheticPairDataset` (random samples for training, seeded fixed samples for
   validation);
+- another contrast: :func:`synthetic_contrast` (random per-structure intensities, bias and noise from a label
+  map, as SynthSeg), for tests of cross-contrast registration; the images it makes are synthetic;
 - evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric) and
   :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint); the trainer
   and evaluator steps of the pretraining are :class:`ran_bundle.engines.SyntheticTrainStep` and
@@ -110,6 +112,7 @@ __all__ = [
     "end_point_error",
     "EndPointError",
     "load_pretrained",
+    "synthetic_contrast",
 ]
 
 MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = PAIR_KEYS
@@ -780,3 +783,53 @@ def load_pretrained(
         network.load_state_dict(state, strict=strict)
         logging.getLogger(__name__).info("loaded pretrained weights %r of %s", key, os.fspath(ckpt))
     return network if device is None else network.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic contrasts (another modality made from a label map, for tests of cross-contrast registration)
+# ----------------------------------------------------------------------------------------------
+def synthetic_contrast(
+    label: np.ndarray,
+    brain: np.ndarray,
+    seed: int,
+    blur_voxels: float = 0.7,
+    bias: float = 0.3,
+    noise: float = 0.03,
+) -> np.ndarray:
+    """A **synthetic** image of another contrast drawn from a label map, as SynthSeg does (Billot et al., Medical
+    Image Analysis 2023): one random mean intensity per structure, a little texture within it, partial-volume blur,
+    a smooth multiplicative bias field and noise. Every structure gets its own random intensity, so the contrast is
+    not a monotonic function of a T1's (dark can become bright and the other way round).
+
+    ``brain`` splits the label map's 0 into background (outside, kept at 0 as in a skull-stripped scan) and an
+    unlabelled brain class of its own (the cerebral white matter of the Mindboggle label maps).
+
+    Args:
+        label: ``(X, Y, Z)`` integer label map.
+        brain: ``(X, Y, Z)`` bool, the brain (e.g. :func:`ran_bundle.spatial.foreground_mask` of the T1).
+        seed: seed of every random choice (one image per seed).
+        blur_voxels: Gaussian sigma (voxels) of the partial-volume blur.
+        bias: amplitude of the log bias field (the field lies in ``[exp(-bias), exp(bias)]``).
+        noise: Gaussian noise sigma, relative to the brightest structure.
+
+    Returns:
+        ``(X, Y, Z)`` float32 in ``[0, 1]``, 0 outside ``brain``.
+    """
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    label = np.asarray(label)
+    brain = np.asarray(brain, dtype=bool)
+    classes = np.where(brain, np.rint(label).astype(np.int64) + 1, 0)  # 0: background, 1: unlabelled brain
+    values, index = np.unique(classes, return_inverse=True)
+    means = rng.uniform(0.1, 1.0, size=len(values))
+    texture = rng.uniform(0.0, 0.05, size=len(values))
+    means[values == 0], texture[values == 0] = 0.0, 0.0
+    image = means[index] + texture[index] * rng.standard_normal(index.shape)
+    image = image.reshape(label.shape).astype(np.float32)
+    image = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(image), blur_voxels))
+    control = rng.uniform(-bias, bias, size=(1, 4, 4, 4))  # a 4x4x4 B-spline control grid: a bump or two
+    log_bias = bspline_field(label.shape, control)[0].numpy()
+    image = image * np.exp(log_bias) + noise * rng.standard_normal(label.shape)
+    image = np.where(brain, np.clip(image, 0.0, None), 0.0)
+    return (image / max(float(image.max()), 1e-6)).astype(np.float32)

@@ -79,9 +79,10 @@ def ants_available() -> bool:
     return True
 
 
-def ants_syn(fixed: sitk.Image, moving: sitk.Image, type_of_transform: str = "SyNOnly") -> torch.Tensor:
+def ants_syn(fixed: sitk.Image, moving: sitk.Image, type_of_transform: str = "SyNOnly", **options) -> torch.Tensor:
     """ANTs SyN with antspyx's defaults (``ants.registration``; ``"SyNOnly"``: no affine of its own, the pair
-    is already affinely aligned). Threads: ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``.
+    is already affinely aligned). Threads: ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``. ``options`` go to
+    ``ants.registration`` (e.g. ``syn_metric="mattes"``: mutual information, for another contrast).
 
     Returns:
         ``(1, 3, *S)`` world displacement (mm, RAS) on the fixed grid.
@@ -100,6 +101,7 @@ def ants_syn(fixed: sitk.Image, moving: sitk.Image, type_of_transform: str = "Sy
             ants.image_read(paths[1]),
             type_of_transform=type_of_transform,
             outprefix=tmp + "/",
+            **options,
         )
         warp = [t for t in result["fwdtransforms"] if t.endswith((".nii.gz", ".nii"))]
         field, _ = read_displacement_field(warp[0])

@@ -15,6 +15,10 @@ Example (the run of docs/results.md)::
 
     python scripts/compare_brain.py --threads 2 --out docs/results/brain
 
+Landmarks: a subject of the datalist with ``"landmarks"`` (a CSV of corresponding points with columns ``x, y, z``, mm,
+LPS as ``ran-warp`` reads them; the same rows in every subject) adds ``tre_mm`` to each row: the mean distance between
+the moving landmarks and the fixed landmarks mapped by the registration (the Mindboggle subjects have none).
+
 Data: Mindboggle-101 OASIS-TRT-20 (Klein & Tourville 2012, CC BY-NC-SA 3.0) from ``RAN_SHARED_DATA``.
 """
 
@@ -37,12 +41,13 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
+from ran_bundle.apply import read_points_csv  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.evaluation import native_label_scores  # noqa: E402
 from ran_bundle.fields import ddf_voxel_to_mm  # noqa: E402
 from ran_bundle.optimise import optimise_field  # noqa: E402
 from ran_bundle.pipeline import RegistrationPipeline  # noqa: E402
-from ran_bundle.spatial import Grid, sitk_affine  # noqa: E402
+from ran_bundle.spatial import Grid, sample_voxels, sitk_affine, world_to_voxel  # noqa: E402
 from scripts import classical  # noqa: E402
 
 METHODS = ("affine only", "demons", "ANTs SyN", "VoxelMorph", "VoxelMorph + IO", "RAN", "IO from zero", "RAN + IO")
@@ -92,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
     data = load_datalist(args.datalist, base_dir=args.base_dir)
     pairs = data[args.split][: args.limit]
+    landmarks = {
+        s["image"]: os.path.join(args.base_dir, s["landmarks"])
+        for split in ("training", "validation", "test")
+        for s in data.get(split) or []
+        if s.get("landmarks")
+    }
     ran = RegistrationPipeline(weights=args.weights, progress=False)
     vxm = None
     if any(m.startswith("VoxelMorph") for m in args.methods) or args.curve:
@@ -137,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
             grid, v, seconds = fields[method]
             world = ran.to_world(inputs, affine, grid, v)
             scores = native_label_scores(world["warped_label"], inputs.fixed_label.array, inputs.fixed.spacing)
+            if pair["fixed_image"] in landmarks and pair["moving_image"] in landmarks:
+                scores["tre_mm"] = landmark_tre(
+                    world["field"], inputs.fixed.affine, *(landmarks[pair[k]] for k in ("fixed_image", "moving_image"))
+                )
             rows.append(
                 {
                     "pair": name,
@@ -200,6 +215,16 @@ def _start(
     return cache[name]
 
 
+def landmark_tre(field: torch.Tensor, fixed_affine: np.ndarray, fixed_csv: str, moving_csv: str) -> float:
+    """Mean distance (mm) between the moving landmarks and the fixed landmarks mapped by the whole mapping's world
+    field ``(1, 3, *F)`` (RAS mm, on the fixed grid, linear between voxels)."""
+    fixed_points = torch.as_tensor(read_points_csv(fixed_csv)[2], dtype=torch.float32).T  # (3, N) RAS
+    moving_points = torch.as_tensor(read_points_csv(moving_csv)[2], dtype=torch.float32).T
+    coords = world_to_voxel(fixed_points.reshape(3, -1, 1, 1), fixed_affine)
+    moved = fixed_points + sample_voxels(field, coords, padding_mode="border")[0].reshape(3, -1)
+    return float((moved - moving_points).norm(dim=0).mean())
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
     return (float(arr.mean()), float(arr.std())) if arr.size else (math.nan, math.nan)
@@ -221,6 +246,8 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         summary[method] = {
             k: _mean_std([r[k] for r in mine]) for k in ("dice", "dice_cortex", "hd95", "folding_percent", "seconds")
         }
+        if any("tre_mm" in r for r in mine):
+            summary[method]["tre_mm"] = _mean_std([r.get("tre_mm") for r in mine])
         summary[method]["pairs"] = len(mine)
     ants = summary.get("ANTs SyN")
     ants_s = ants["seconds"][0] if ants else math.nan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +285,41 @@ def test_synthetic_field_loss():
     assert total.item() == pytest.approx(0.1 * 0.01 + 0.25, rel=1e-4)
     weighted = SyntheticFieldLoss(3, image_weight=1.0, field_weight=2.0)(moved, fixed, ddf, true_ddf)
     assert weighted.item() == pytest.approx(0.01 + 0.5, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- MIND-SSC
+def test_mind_ssc_follows_its_definition_at_interior_voxels():
+    """Each channel: exp(-(D_ab - min D) / V) with D_ab the patch mean of the squared difference of the image at
+    p + d a and p + d b, V the mean over the 12 channels (clamp inactive on this texture); computed by loops."""
+    from ran_bundle.losses import MIND_SSC_PAIRS, mind_ssc
+
+    x = smooth_noise((1, 1, 14, 13, 12), 3, sigma_pass=1).double()
+    radius, dilation = 1, 2
+    out = mind_ssc(x, radius=radius, dilation=dilation)
+    assert out.shape == (1, 12, 14, 13, 12) and len(MIND_SSC_PAIRS) == 12
+    img = x[0, 0].numpy()
+    for p in ((5, 6, 5), (7, 4, 6), (6, 8, 7)):
+        d = []
+        for a, b in MIND_SSC_PAIRS:
+            total = 0.0
+            for q in np.ndindex(3, 3, 3):
+                c = np.asarray(p) + np.asarray(q) - radius
+                total += (img[tuple(c + dilation * np.asarray(a))] - img[tuple(c + dilation * np.asarray(b))]) ** 2
+            d.append(total / 27)
+        d = np.asarray(d) - min(d)
+        expected = np.exp(-d / d.mean())
+        np.testing.assert_allclose(out[0, :, p[0], p[1], p[2]].numpy(), expected, rtol=1e-6)
+
+
+def test_mind_ssc_is_invariant_to_a_monotonic_contrast_change_in_ssd():
+    """MIND of an image and of a rescaled, inverted copy are nearly the same (the descriptor is built from local
+    self-similarity), while the images themselves differ: SSD of the descriptors << SSD against a shifted image."""
+    from ran_bundle.losses import mind_ssc, mind_ssd
+
+    x = smooth_noise((1, 1, 20, 20, 20), 5, sigma_pass=1)
+    other = 1.0 - 0.5 * x  # inverted, scaled: another "contrast" of the same structure
+    shifted = torch.roll(x, 2, dims=2)
+    same = float(mind_ssd(mind_ssc(other), mind_ssc(x))[0])
+    moved = float(mind_ssd(mind_ssc(shifted), mind_ssc(x))[0])
+    assert same < 0.1 * moved, (same, moved)
+    assert float(mind_ssd(mind_ssc(x), mind_ssc(x))[0]) == 0.0

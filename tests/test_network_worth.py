@@ -47,14 +47,14 @@ def test_no_network_reads_no_weights_and_optimises_from_a_zero_field(tmp_path, c
             tmp_path / "missing.pt", "--io-iterations", "10", "20", "--device", "cpu", "--quiet"]  # fmt: skip
     register_main([str(a) for a in argv])
     report = json.loads((out / "report.json").read_text())
-    assert report["network"]["used"] is False and report["network"]["weights"] is None
-    pipe = RegistrationPipeline(use_network=False, affine="none", io_iterations=(10, 20), progress=False)
+    assert report["network"]["run"] is False and report["network"]["weights"] is None
+    pipe = RegistrationPipeline(io_start="zero", affine="none", io_iterations=(10, 20), progress=False)
     registration = pipe.register(str(fixed), str(moving))
     assert float(registration.ddf_network.abs().max()) == 0.0
     warped, image = registration.warped.numpy(), _blob(0.0)
     assert np.abs(warped - image).mean() < 0.6 * np.abs(_blob(2.0) - image).mean()
     with pytest.raises(InputError, match="--no-network"):
-        RegistrationPipeline(use_network=False, finetune_steps=2)
+        RegistrationPipeline(io_start="zero", finetune_steps=2)
     capsys.readouterr()
 
 

@@ -14,7 +14,9 @@ Options (``--conf KEY VALUE`` of ``monailabel start_server``):
 - ``preload``: ``true`` to build the network on every device at start-up (default ``false``);
 - the keys of ``configs/atlas_inference.json`` in :data:`CONFIG_KEYS` (``atlas_image``, ``atlas_label``,
   ``atlas_label_names`` as file paths; ``intensity``, ``spacing``, ``affine_stage``, ``io_iterations``,
-  ``io_weight``, ``io_fold_weight`` as JSON or text), to serve another atlas or other settings.
+  ``io_weight``, ``io_fold_weight``, ``similarity``, ``io_start`` as JSON or text; ``moving_mask``, a mask of the
+  atlas on its grid, and ``fixed_mask``, for studies that share one grid, as file paths), to serve another atlas
+  or other settings.
 """
 
 from __future__ import annotations
@@ -42,8 +44,12 @@ CONFIG_KEYS = (
     "io_iterations",
     "io_weight",
     "io_fold_weight",
+    "similarity",
+    "io_start",
+    "fixed_mask",
+    "moving_mask",
 )
-_PATH_KEYS = ("atlas_image", "atlas_label", "atlas_label_names")
+_PATH_KEYS = ("atlas_image", "atlas_label", "atlas_label_names", "fixed_mask", "moving_mask")
 
 
 class AtlasBundleConstants(BundleConstants):
