@@ -70,6 +70,15 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
     p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
     p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
+    p.add_argument(
+        "--ct-window",
+        nargs=2,
+        type=float,
+        default=(-100.0, 300.0),
+        metavar=("LOW", "HIGH"),
+        help="HU window mapped to [0, 1] with --intensity ct, as at training (default: -100 300, the abdomen's; "
+        "lungs: -1000 300)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
 
@@ -80,6 +89,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     return {
         "spacing": " ".join(args.spacing),
         "intensity": args.intensity,
+        "ct_window": tuple(args.ct_window),
         "affine": args.affine,
         "io_iterations": (0, 0) if args.no_io else tuple(args.io_iterations),
         "io_weight": args.io_weight,

@@ -74,7 +74,7 @@ from ran_bundle.spatial import (
     world_to_voxel,
 )
 from ran_bundle.tensors import autocast_if
-from ran_bundle.transforms import INTENSITIES, scale_intensity
+from ran_bundle.transforms import CT_WINDOW, INTENSITIES, scale_intensity
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -180,6 +180,8 @@ class RegistrationPipeline:
         amp: mixed precision for the network.
         spacing: voxel size (mm) of the network grid (the weights' training resolution).
         intensity: ``"ct"``, ``"mr"`` or ``"none"`` (as at training).
+        ct_window: the HU window ``(low, high)`` mapped to [0, 1] with ``intensity="ct"`` (as at training):
+            the abdomen's [-100, 300] by default; [-1000, 300] for the lungs (``configs/lung_ct.json``).
         affine: ``"affine"`` (rigid then affine), ``"rigid"`` or ``"none"``.
         initial_transform: an ITK transform file (affine/rigid, fixed -> moving points) to start from; with
             ``affine="none"`` it is used as the affine stage's result.
@@ -201,6 +203,7 @@ class RegistrationPipeline:
         amp: bool = False,
         spacing: Any = 2.0,
         intensity: str = "mr",
+        ct_window: Sequence[float] = CT_WINDOW,
         affine: str = "affine",
         initial_transform: str | os.PathLike | None = None,
         io_iterations: Sequence[int] = (30, 40),
@@ -215,6 +218,12 @@ class RegistrationPipeline:
         self.spacing = parse_spacing(spacing)
         if intensity not in INTENSITIES:
             raise InputError(f"--intensity {intensity!r}: expected one of {INTENSITIES}.")
+        try:
+            window = [float(v) for v in ct_window]
+        except (TypeError, ValueError):
+            window = []
+        if len(window) != 2 or not all(np.isfinite(window)) or window[0] >= window[1]:
+            raise InputError(f"--ct-window {ct_window!r}: expected two numbers LOW HIGH (HU) with LOW < HIGH.")
         if affine not in AFFINE_STAGES:
             raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
         iterations = [int(n) for n in io_iterations]
@@ -230,6 +239,7 @@ class RegistrationPipeline:
         self.device = resolve_device(device)
         self.amp = bool(amp)
         self.intensity = intensity
+        self.ct_window = (window[0], window[1])
         self.affine_stage = affine
         self.initial = None if initial_transform is None else read_transform(initial_transform)
         self.initial_transform = initial_transform
@@ -303,8 +313,9 @@ class RegistrationPipeline:
         with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
             fixed_image = inputs.sitk("fixed")
             grid = foreground_grid(fixed_image, self.spacing)
-            fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity)
-            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), self.intensity)
+            fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity, self.ct_window)
+            moving = resample_to_grid(inputs.sitk("moving"), grid, affine.matrix)
+            moving = scale_intensity(moving, self.intensity, self.ct_window)
         logger.info("network grid %s at %s mm", grid.shape, tuple(round(s, 3) for s in grid.spacing))
         return NetworkPair(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None], grid)
 
@@ -508,6 +519,7 @@ class RegistrationPipeline:
                 "grid_shape": list(registration.pair.grid.shape),
                 "grid_spacing_mm": list(registration.pair.grid.spacing),
                 "intensity": self.intensity,
+                "ct_window": list(self.ct_window),
                 "finetune_steps": self.finetune_steps,
             },
             "instance_optimisation": {

@@ -505,6 +505,17 @@ def test_lung_window_keeps_the_parenchyma_inside_the_similarity_mask(tmp_path):
     assert image[10, 16, 16] == image[20, 16, 16] == 0.0  # why not the abdomen window
 
 
+@pytest.mark.parametrize("config", [INFERENCE, "configs/atlas_inference.json"])
+def test_the_lung_window_reaches_the_registration_pipeline(config):
+    """lung_ct.json's advice for registering with a lung model: ``--intensity ct --ct_window [-1000,300]`` on
+    the inference configs sets the pipeline's window; without it the pipeline has the training default."""
+    from ran_bundle.transforms import CT_WINDOW
+
+    assert parsed_config(config).get_parsed_content("pipeline").ct_window == CT_WINDOW
+    lung = parsed_config(config, intensity="ct", ct_window=[-1000, 300]).get_parsed_content("pipeline")
+    assert (lung.intensity, lung.ct_window) == ("ct", (-1000.0, 300.0))
+
+
 def test_train_step_raises_on_non_finite_loss():
     from types import SimpleNamespace
 

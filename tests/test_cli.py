@@ -167,6 +167,8 @@ BAD_ARGUMENTS = {
     "unknown device": (["--device", "tpu"], ["--device 'tpu'"]),
     "unknown preset": (["--preset", "RAn9"], ["--preset 'RAn9'"]),
     "unknown intensity": (["--intensity", "pet"], ["argument --intensity: invalid choice: 'pet'"]),
+    "one ct window value": (["--ct-window", "-1000"], ["argument --ct-window: expected 2 arguments"]),
+    "reversed ct window": (["--ct-window", "300", "-1000"], ["--ct-window (300.0, -1000.0)", "LOW < HIGH"]),
 }
 
 
