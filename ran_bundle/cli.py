@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ran_bundle.defaults import PIPELINE_DEFAULTS
+
 __all__ = [
     "add_pipeline_options",
     "pipeline_options",
@@ -53,31 +55,52 @@ def _fail(name: str, message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def _words(values: Sequence[float]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
 def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     """The registration options every front end of the pipeline takes (``ran-register``, the MONAI Deploy app),
-    with one set of names and defaults; :func:`pipeline_options` turns them into pipeline arguments."""
-    p.add_argument("--affine", choices=("affine", "rigid", "none"), default="affine", help="affine stage (default)")
+    with one set of names and defaults (:data:`ran_bundle.defaults.PIPELINE_DEFAULTS`, the pipeline's own);
+    :func:`pipeline_options` turns them into pipeline arguments."""
+    d = PIPELINE_DEFAULTS
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), default=d.affine, help="affine stage (default)")
     p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
     p.add_argument(
         "--io-iterations",
         nargs=2,
         type=int,
-        default=(30, 40),
+        default=d.io_iterations,
         metavar=("HALF", "FULL"),
-        help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
+        help="instance-optimisation iterations at half and at full network resolution "
+        f"(default: {_words(d.io_iterations)})",
     )
-    p.add_argument("--io-weight", type=float, default=10.0, help="weight of its diffusion regulariser (default 10)")
-    p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
-    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
-    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
+    p.add_argument(
+        "--io-weight", type=float, default=d.io_weight, help="weight of its diffusion regulariser (default %(default)g)"
+    )
+    p.add_argument(
+        "--io-fold-weight",
+        type=float,
+        default=d.io_fold_weight,
+        help="weight of its folding penalty (default %(default)g)",
+    )
+    p.add_argument(
+        "--spacing",
+        nargs="+",
+        default=[f"{d.spacing:g}"],
+        help=f"network grid spacing in mm: one or three numbers (default {d.spacing:g})",
+    )
+    p.add_argument(
+        "--intensity", choices=("ct", "mr", "none"), default=d.intensity, help="intensity scaling (default %(default)s)"
+    )
     p.add_argument(
         "--ct-window",
         nargs=2,
         type=float,
-        default=(-100.0, 300.0),
+        default=d.ct_window,
         metavar=("LOW", "HIGH"),
-        help="HU window mapped to [0, 1] with --intensity ct, as at training (default: -100 300, the abdomen's; "
-        "lungs: -1000 300)",
+        help=f"HU window mapped to [0, 1] with --intensity ct, as at training (default: {_words(d.ct_window)}, the "
+        "abdomen's; lungs: -1000 300)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
@@ -122,10 +145,15 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-label", help="label map of the fixed image; with --moving-label the report gives Dice")
     add_pipeline_options(p)
     p.add_argument("--initial-transform", help="ITK transform file (fixed -> moving points) to start the affine from")
-    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune a copy of the network first (GPU option)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="its Adam learning rate")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=PIPELINE_DEFAULTS.finetune_steps,
+        help="fine-tune a copy of the network first (GPU option)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=PIPELINE_DEFAULTS.finetune_lr, help="its Adam learning rate")
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
-    p.add_argument("--preset", default="ref", help="RAN preset of the weights (default ref)")
+    p.add_argument("--preset", default=PIPELINE_DEFAULTS.preset, help="RAN preset of the weights (default %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision for the network")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, all cores)")
     p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")

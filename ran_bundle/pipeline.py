@@ -55,6 +55,7 @@ from ran_bundle.checks import (
     parse_spacing,
     resolve_device,
 )
+from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, registration_quality
 from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import jacobian_determinant
@@ -74,7 +75,7 @@ from ran_bundle.spatial import (
     world_to_voxel,
 )
 from ran_bundle.tensors import autocast_if
-from ran_bundle.transforms import CT_WINDOW, INTENSITIES, scale_intensity
+from ran_bundle.transforms import INTENSITIES, scale_intensity
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -173,6 +174,9 @@ class Registration:
 class RegistrationPipeline:
     """Affine stage, RAN, instance optimisation and world-space outputs for one pair at a time.
 
+    The defaults (:data:`ran_bundle.defaults.PIPELINE_DEFAULTS`, which the command line and the configs read too)
+    fit the shipped brain MR weights.
+
     Args:
         weights: checkpoint of the network; default: the bundle's ``models/model.pt``.
         preset: RAN preset of the weights.
@@ -198,19 +202,19 @@ class RegistrationPipeline:
     def __init__(
         self,
         weights: str | os.PathLike | None = None,
-        preset: str = "ref",
+        preset: str = PIPELINE_DEFAULTS.preset,
         device: str | None = None,
         amp: bool = False,
-        spacing: Any = 2.0,
-        intensity: str = "mr",
-        ct_window: Sequence[float] = CT_WINDOW,
-        affine: str = "affine",
+        spacing: Any = PIPELINE_DEFAULTS.spacing,
+        intensity: str = PIPELINE_DEFAULTS.intensity,
+        ct_window: Sequence[float] = PIPELINE_DEFAULTS.ct_window,
+        affine: str = PIPELINE_DEFAULTS.affine,
         initial_transform: str | os.PathLike | None = None,
-        io_iterations: Sequence[int] = (30, 40),
-        io_weight: float = 10.0,
-        io_fold_weight: float = 50.0,
-        finetune_steps: int = 0,
-        finetune_lr: float = 1e-4,
+        io_iterations: Sequence[int] = PIPELINE_DEFAULTS.io_iterations,
+        io_weight: float = PIPELINE_DEFAULTS.io_weight,
+        io_fold_weight: float = PIPELINE_DEFAULTS.io_fold_weight,
+        finetune_steps: int = PIPELINE_DEFAULTS.finetune_steps,
+        finetune_lr: float = PIPELINE_DEFAULTS.finetune_lr,
         inverse: bool = False,
         progress: bool = True,
         network: ResidualAlignerNetwork | None = None,

@@ -68,6 +68,7 @@ from monai.transforms.inverse import InvertibleTransform
 
 from ran_bundle.affine import AFFINE_STAGES, read_transform, register_affine, write_transform
 from ran_bundle.data import PAIR_KEYS
+from ran_bundle.defaults import CT_WINDOW
 from ran_bundle.fields import atomic_write
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid
 
@@ -87,7 +88,6 @@ __all__ = [
 
 IMAGE_KEYS = PAIR_KEYS[:2]
 LABEL_KEYS = PAIR_KEYS[2:]
-CT_WINDOW = (-100.0, 300.0)
 MR_PERCENTILES = (0.5, 99.5)
 _MODES = ("train", "eval", "infer")
 INTENSITIES = ("ct", "mr", "none")

@@ -508,10 +508,16 @@ def test_lung_window_keeps_the_parenchyma_inside_the_similarity_mask(tmp_path):
 @pytest.mark.parametrize("config", [INFERENCE, "configs/atlas_inference.json"])
 def test_the_lung_window_reaches_the_registration_pipeline(config):
     """lung_ct.json's advice for registering with a lung model: ``--intensity ct --ct_window [-1000,300]`` on
-    the inference configs sets the pipeline's window; without it the pipeline has the training default."""
-    from ran_bundle.transforms import CT_WINDOW
+    the inference configs sets the pipeline's window; without overrides the configs build the pipeline that
+    ``RegistrationPipeline()`` is (one set of defaults, the abdomen window among them)."""
+    from ran_bundle.defaults import CT_WINDOW
+    from ran_bundle.pipeline import RegistrationPipeline
 
-    assert parsed_config(config).get_parsed_content("pipeline").ct_window == CT_WINDOW
+    default = parsed_config(config).get_parsed_content("pipeline")
+    own = RegistrationPipeline(network=default.network)
+    settings = ("spacing", "intensity", "ct_window", "affine_stage", "io_iterations", "io_weight", "io_fold_weight")
+    assert {k: getattr(default, k) for k in settings} == {k: getattr(own, k) for k in settings}
+    assert default.ct_window == CT_WINDOW
     lung = parsed_config(config, intensity="ct", ct_window=[-1000, 300]).get_parsed_content("pipeline")
     assert (lung.intensity, lung.ct_window) == ("ct", (-1000.0, 300.0))
 
