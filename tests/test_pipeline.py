@@ -164,10 +164,17 @@ def test_load_network_errors(tmp_path: Path):
     torch.save({"model": ResidualAlignerNetwork(3, "RAn4").state_dict()}, other)
     with pytest.raises(InputError, match="do not fit the RAN preset 'ref'"):
         load_network(other, "ref")
-    plain = tmp_path / "plain.pt"
-    torch.save(ResidualAlignerNetwork(3, "RAn4").state_dict(), plain)  # a bare state dict is accepted
-    net = load_network(plain, "RAn4")
-    assert isinstance(net, ResidualAlignerNetwork) and not net.training
+    torch.manual_seed(0)
+    saved = ResidualAlignerNetwork(3, "RAn4").state_dict()
+    plain, ddp = tmp_path / "plain.pt", tmp_path / "ddp.pt"
+    torch.save(saved, plain)  # a bare state dict is accepted
+    torch.save({"model": {f"module.{k}": v for k, v in saved.items()}}, ddp)  # a DDP run's checkpoint too
+    for path in (plain, ddp):
+        torch.manual_seed(1)  # other initial weights: only the file's values can make them equal
+        net = load_network(path, "RAn4")
+        assert isinstance(net, ResidualAlignerNetwork) and not net.training
+        loaded = net.state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items()), path
     with pytest.raises(InputError, match="unknown"):
         load_network(plain, "RAn9")
     with pytest.raises(InputError, match="file not found"):
