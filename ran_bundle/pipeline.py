@@ -317,9 +317,9 @@ class RegistrationPipeline:
         with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
             fixed_image = inputs.sitk("fixed")
             grid = foreground_grid(fixed_image, self.spacing)
-            fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity, self.ct_window)
-            moving = resample_to_grid(inputs.sitk("moving"), grid, affine.matrix)
-            moving = scale_intensity(moving, self.intensity, self.ct_window)
+            scale = {"intensity": self.intensity, "ct_window": self.ct_window}
+            fixed = scale_intensity(resample_to_grid(fixed_image, grid), **scale)
+            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), **scale)
         logger.info("network grid %s at %s mm", grid.shape, tuple(round(s, 3) for s in grid.spacing))
         return NetworkPair(torch.from_numpy(moving)[None, None], torch.from_numpy(fixed)[None, None], grid)
 
