@@ -72,6 +72,7 @@ from ran_bundle.synthetic import (
     load_pretrained,
     synthetic_pair_transforms,
 )
+from scripts.peers import local_net
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,9 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_network(args: argparse.Namespace) -> torch.nn.Module:
     if args.network == "localnet":
-        from monai.networks.nets import LocalNet
-
-        return LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=8, extract_levels=[3])
+        return local_net(3, 8, (3,))
     return ResidualAlignerNetwork(3, args.preset)
 
 
