@@ -67,6 +67,11 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--affine", choices=("affine", "rigid", "none"), default=d.affine, help="affine stage (default)")
     p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
     p.add_argument(
+        "--no-network",
+        action="store_true",
+        help="start the instance optimisation from a zero field instead of the network's (no weights are read)",
+    )
+    p.add_argument(
         "--io-iterations",
         nargs=2,
         type=int,
@@ -117,6 +122,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         "io_iterations": (0, 0) if args.no_io else tuple(args.io_iterations),
         "io_weight": args.io_weight,
         "io_fold_weight": args.io_fold_weight,
+        "use_network": not args.no_network,
         "inverse": args.inverse,
         "progress": not args.quiet,
     }

@@ -54,6 +54,7 @@ from ran_bundle.checks import check_subject_files
 
 __all__ = [
     "PAIR_KEYS",
+    "TEACHER_DDF",
     "SPLITS",
     "load_datalist",
     "ordered_pairs",
@@ -62,6 +63,8 @@ __all__ = [
 ]
 
 PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
+TEACHER_DDF = "teacher_ddf"
+"""Key of a pair's teacher field ``(d, *S)``, voxels (:mod:`ran_bundle.distillation`)."""
 SPLITS = ("training", "validation", "test")
 _PAIR_SPLITS = {"validation": "validation_pairs", "test": "test_pairs"}
 

@@ -173,6 +173,7 @@ def registration_train_step(
     fixed_label: torch.Tensor | None = None,
     num_classes: int | None = None,
     true_ddf: torch.Tensor | None = None,
+    teacher_ddf: torch.Tensor | None = None,
     amp: bool = False,
     amp_kwargs: Mapping[str, Any] | None = None,
     scaler: Any = None,
@@ -194,6 +195,9 @@ def registration_train_step(
       :class:`~ran_bundle.losses.RegistrationLoss` with ``dice_weight > 0``;
     - ``loss_fn(warped, fixed, ddf)`` otherwise;
 
+    and with ``teacher_ddf`` (distillation, :mod:`ran_bundle.distillation`) the last two also get
+    ``target_ddf=teacher_ddf`` (a :class:`~ran_bundle.losses.RegistrationLoss` with ``field_weight > 0``);
+
     then the non-finite check, backward and ``optimizer.step()`` (through ``scaler`` when ``amp`` and a
     scaler is given).
 
@@ -207,6 +211,7 @@ def registration_train_step(
         num_classes: number of label values ``0..N-1`` of the one-hot warp; ``None``: the largest value of
             both labels plus one.
         true_ddf: ``(B, d, *S)`` known field in voxels, passed to the loss.
+        teacher_ddf: ``(B, d, *S)`` a teacher's field in voxels, passed to the loss as ``target_ddf``.
         amp: forward under ``torch.autocast``.
         amp_kwargs: ``torch.autocast`` arguments (``dtype``, ...).
         scaler: a ``GradScaler`` for ``amp``; ``None`` steps the plain gradients.
@@ -229,13 +234,14 @@ def registration_train_step(
     half = inputs.shape[1] // 2
     moving, fixed = inputs[:, :half].float(), inputs[:, half:].float()
     warped = warp(moving, ddf)
+    target = {} if teacher_ddf is None else {"target_ddf": teacher_ddf.float()}
     if true_ddf is not None:
         loss = loss_fn(warped, fixed, ddf, true_ddf)
     elif moving_label is not None and fixed_label is not None:
         n = num_classes or int(max(moving_label.max().item(), fixed_label.max().item())) + 1
-        loss = loss_fn(warped, fixed, ddf, warp(_one_hot(moving_label, n), ddf), fixed_label)
+        loss = loss_fn(warped, fixed, ddf, warp(_one_hot(moving_label, n), ddf), fixed_label, **target)
     else:
-        loss = loss_fn(warped, fixed, ddf)
+        loss = loss_fn(warped, fixed, ddf, **target)
     terms = dict(getattr(loss_fn, "last_terms", {}))
     if not loss.is_meta and not torch.isfinite(loss).all():  # meta tensors (memory counts) hold no values
         value = loss.item()
@@ -292,6 +298,8 @@ class RegistrationTrainStep:
             used only when both are in the batch.
         num_classes: number of label values ``0..N-1`` for the one-hot warp; ``None``: the
             largest value in the batch plus one.
+        teacher_key: batch key of a teacher field ``(B, d, *S)`` passed to the loss as ``target_ddf``
+            (distillation: :data:`ran_bundle.data.TEACHER_DDF`); ``None``: none.
 
     Returns (``engine.state.output``):
         ``{"loss": float, <loss terms>: float, "pred": ddf (B, d, *S) detached, "label": fixed (B, 1, *S)}``.
@@ -300,14 +308,23 @@ class RegistrationTrainStep:
         NonFiniteLossError: when the loss is NaN or infinite (names the iteration and the terms).
     """
 
-    def __init__(self, use_labels: bool = False, num_classes: int | None = None) -> None:
+    def __init__(
+        self, use_labels: bool = False, num_classes: int | None = None, teacher_key: str | None = None
+    ) -> None:
         self.use_labels = bool(use_labels)
         self.num_classes = None if num_classes is None else int(num_classes)
+        self.teacher_key = teacher_key
 
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         device, nb = engine.state.device, getattr(engine, "non_blocking", False)
         inputs, fixed = prepare_batch(batchdata, device, nb)
         moving_label, fixed_label = _labels(batchdata, device, nb) if self.use_labels else (None, None)
+        if self.teacher_key is not None and self.teacher_key not in batchdata:
+            raise KeyError(
+                f"the batch has no teacher field {self.teacher_key!r} (keys {sorted(batchdata)}); give the train "
+                "preprocessing before_crop=ran_bundle.distillation.TeacherFieldd(...)."
+            )
+        teacher = None if self.teacher_key is None else _to(batchdata[self.teacher_key], device, nb)
         ddf, loss, terms = _engine_train_step(
             engine,
             inputs,
@@ -316,6 +333,7 @@ class RegistrationTrainStep:
             moving_label=moving_label,
             fixed_label=fixed_label,
             num_classes=self.num_classes,
+            teacher_ddf=teacher,
         )
         return {"loss": float(loss), **terms, "pred": ddf, "label": fixed}
 

@@ -49,6 +49,7 @@ __all__ = [
     "EdgeAwareSmoothnessLoss",
     "similarity_loss",
     "folding_penalty",
+    "end_point_error",
     "RegistrationLoss",
     "SyntheticFieldLoss",
 ]
@@ -467,11 +468,21 @@ def folding_penalty(ddf: torch.Tensor) -> torch.Tensor:
     return torch.relu(-jacobian_determinant_differentiable(ddf)).mean()
 
 
+def end_point_error(ddf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean end-point error ``mean ||ddf - target||_2`` over the voxels and batch of two ``(B, d, *spatial)``
+    displacements, in their unit (voxels). The Euclidean norm per voxel, not its square: large local
+    disagreements (a teacher's mistakes) weigh linearly, as in optical-flow training."""
+    if ddf.shape != target.shape:
+        raise ValueError(f"ddf and target shapes differ: {tuple(ddf.shape)}, {tuple(target.shape)}.")
+    return (ddf - target).square().sum(dim=1).add(1e-12).sqrt().mean()
+
+
 class RegistrationLoss(_Loss):
     """Weighted training objective of unsupervised registration (paper eq. 13 plus optional Dice).
 
     ``total = sim_weight * similarity(warped, fixed) + smooth_weight * smoothness(ddf, fixed)
-    + dice_weight * DiceLoss(warped_label, fixed_label) + fold_weight * folding_penalty(ddf)``
+    + dice_weight * DiceLoss(warped_label, fixed_label) + fold_weight * folding_penalty(ddf)
+    + field_weight * end_point_error(ddf, target_ddf)``
 
     with MONAI's :class:`~monai.losses.DiceLoss` (soft Dice of the foreground channels, smoothing 1e-5,
     averaged over labels and batch items; a ``(B, 1, *spatial)`` integer ``fixed_label`` is made one-hot).
@@ -493,6 +504,8 @@ class RegistrationLoss(_Loss):
         dice_weight: weight of the Dice loss of the labels (foreground channels); 0 = off.
         fold_weight: weight of :func:`folding_penalty` (not in the paper; it removes the folding that a Dice
             term drives the network to); 0 = off.
+        field_weight: weight of :func:`end_point_error` to a target field (a teacher's, see
+            :mod:`ran_bundle.distillation`), used when one is given; 0 = off.
     """
 
     def __init__(
@@ -504,6 +517,7 @@ class RegistrationLoss(_Loss):
         smooth_weight: float = 0.5,
         dice_weight: float = 0.0,
         fold_weight: float = 0.0,
+        field_weight: float = 0.0,
     ) -> None:
         super().__init__()
         weights = {
@@ -511,6 +525,7 @@ class RegistrationLoss(_Loss):
             "smooth_weight": smooth_weight,
             "dice_weight": dice_weight,
             "fold_weight": fold_weight,
+            "field_weight": field_weight,
         }
         for arg, value in weights.items():
             if value < 0:
@@ -527,6 +542,7 @@ class RegistrationLoss(_Loss):
         self.smooth_weight = float(smooth_weight)
         self.dice_weight = float(dice_weight)
         self.fold_weight = float(fold_weight)
+        self.field_weight = float(field_weight)
         self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.last_terms: dict[str, float] = {}
 
@@ -537,6 +553,7 @@ class RegistrationLoss(_Loss):
         ddf: torch.Tensor,
         warped_label: torch.Tensor | None = None,
         fixed_label: torch.Tensor | None = None,
+        target_ddf: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The unweighted terms and the weighted ``"total"`` as scalar tensors (see :meth:`forward`)."""
         out = {"similarity": self.similarity(warped, fixed), "smoothness": self.smoothness(ddf, fixed)}
@@ -550,6 +567,9 @@ class RegistrationLoss(_Loss):
         if self.fold_weight > 0:
             out["folding"] = folding_penalty(ddf)
             total = total + self.fold_weight * out["folding"]
+        if self.field_weight > 0 and target_ddf is not None:
+            out["field"] = end_point_error(ddf, target_ddf)
+            total = total + self.field_weight * out["field"]
         out["total"] = total
         return out
 
@@ -560,6 +580,7 @@ class RegistrationLoss(_Loss):
         ddf: torch.Tensor,
         warped_label: torch.Tensor | None = None,
         fixed_label: torch.Tensor | None = None,
+        target_ddf: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -568,18 +589,19 @@ class RegistrationLoss(_Loss):
             ddf: ``(B, d, *spatial)`` predicted displacement in voxels.
             warped_label: ``(B, N, *spatial)`` warped one-hot moving labels (soft), optional.
             fixed_label: ``(B, N, *spatial)`` one-hot or ``(B, 1, *spatial)`` integer fixed labels, optional.
+            target_ddf: ``(B, d, *spatial)`` a target displacement in voxels (a teacher's), optional.
 
         Returns:
             the scalar total loss; the terms are in :attr:`last_terms`.
         """
-        out = self.terms(warped, fixed, ddf, warped_label, fixed_label)
+        out = self.terms(warped, fixed, ddf, warped_label, fixed_label, target_ddf)
         self.last_terms = {k: float(v.detach()) for k, v in out.items()}
         return out["total"]
 
     def extra_repr(self) -> str:
         return (
             f"sim_weight={self.sim_weight}, smooth_weight={self.smooth_weight}, dice_weight={self.dice_weight}, "
-            f"fold_weight={self.fold_weight}"
+            f"fold_weight={self.fold_weight}, field_weight={self.field_weight}"
         )
 
 

@@ -197,6 +197,8 @@ class RegistrationPipeline:
         inverse: also compute the inverse mapping.
         progress: progress bars on stderr.
         network: an already loaded network (then ``weights`` only names it in the report).
+        use_network: ``False`` starts the instance optimisation from a zero field instead of the network's (no
+            weights are read): the measure of the network's worth, and a choice for images unlike its training data.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class RegistrationPipeline:
         inverse: bool = False,
         progress: bool = True,
         network: ResidualAlignerNetwork | None = None,
+        use_network: bool = True,
     ) -> None:
         self.spacing = parse_spacing(spacing)
         if intensity not in INTENSITIES:
@@ -235,6 +238,8 @@ class RegistrationPipeline:
             raise InputError(f"--io-iterations {io_iterations!r}: expected two non-negative integers.")
         if not (isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0):
             raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
+        if finetune_steps and not use_network:
+            raise InputError("--finetune-steps fine-tunes the network: it cannot be used with --no-network.")
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")
         for flag, value in (("--io-weight", io_weight), ("--io-fold-weight", io_fold_weight)):
@@ -256,7 +261,11 @@ class RegistrationPipeline:
         self.progress = bool(progress)
         self.preset = preset
         self.weights = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-        self.network = network if network is not None else load_network(self.weights, preset, self.device)
+        self.use_network = bool(use_network)
+        if not self.use_network:
+            self.network = None
+        else:
+            self.network = network if network is not None else load_network(self.weights, preset, self.device)
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -325,8 +334,10 @@ class RegistrationPipeline:
 
     # ---- 4 ----
     def predict(self, pair: NetworkPair) -> torch.Tensor:
-        """The network's DDF ``(1, 3, *S)`` (voxels of the grid), float32 on the CPU."""
+        """The network's DDF ``(1, 3, *S)`` (voxels of the grid), float32 on the CPU; zeros without the network."""
         net = self.network
+        if net is None:
+            return torch.zeros(1, pair.fixed.ndim - 2, *pair.fixed.shape[2:])
         if self.finetune_steps:
             with self._step("finetune", f"fine-tuning the network on the pair: {self.finetune_steps} steps"):
                 net, _ = finetune_network(
@@ -516,7 +527,8 @@ class RegistrationPipeline:
                 "mattes_mi": registration.affine.metric,
             },
             "network": {
-                "weights": str(self.weights),
+                "used": self.use_network,
+                "weights": str(self.weights) if self.use_network else None,
                 "preset": self.preset,
                 "device": str(self.device),
                 "amp": self.amp,

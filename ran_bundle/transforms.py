@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Hashable, Mapping, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 
 from ran_bundle.affine import AFFINE_STAGES, read_transform, register_affine, write_transform
-from ran_bundle.data import PAIR_KEYS
+from ran_bundle.data import PAIR_KEYS, TEACHER_DDF
 from ran_bundle.defaults import CT_WINDOW
 from ran_bundle.fields import atomic_write
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid
@@ -246,7 +247,7 @@ class AlignToReferenced(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        for image_key, label_key in zip(self.image_keys, self.label_keys, strict=True):
+        for image_key, label_key in zip_longest(self.image_keys, self.label_keys):
             if image_key not in d and self.allow_missing_keys:
                 continue
             path = os.fspath(d[image_key])
@@ -303,6 +304,7 @@ def registration_transforms(
     align_cache: str | os.PathLike | None = None,
     labels_optional: bool | None = None,
     label_values: Sequence[int] | None = None,
+    before_crop: MapTransform | None = None,
 ) -> Compose:
     """Preprocessing of a (moving, fixed[, labels]) pair dict, as a MONAI ``Compose``.
 
@@ -334,6 +336,9 @@ def registration_transforms(
             with a mix of labelled and unlabelled subjects needs it.
         label_values: label values mapped to ``1..N`` in this order (MONAI's ``MapLabelValued``), so that
             one-hot label maps of the training Dice have ``N + 1`` channels; ``None`` keeps the values.
+        before_crop: a transform applied to the full, scaled pair just before the train crop, whose new keys
+            are cropped with the images (e.g. :class:`ran_bundle.distillation.TeacherFieldd`, which adds the
+            teacher field); train mode only.
 
     Raises:
         ValueError: bad ``mode``/``intensity``/sizes (before any data is read).
@@ -419,9 +424,15 @@ def registration_transforms(
     else:
         xforms.append(opt(PadToCommonShaped, k=k, min_size=roi))
     if mode == "train":
+        crop_keys = list(keys)
+        if before_crop is not None:
+            xforms.append(before_crop)
+            crop_keys.append(TEACHER_DDF)
         if roi is not None:
             # one randomizable transform over all keys: one crop location shared by the pair
-            xforms.append(opt(RandSpatialCropd, roi_size=roi, random_size=False))
+            xforms.append(
+                RandSpatialCropd(keys=crop_keys, allow_missing_keys=lab_missing_ok, roi_size=roi, random_size=False)
+            )
         if intensity_scale > 0:
             # one factor per call, shared by both images (the released code's augmentation)
             xforms.append(RandScaleIntensityd(keys=img, factors=float(intensity_scale), prob=1.0))

@@ -3,7 +3,10 @@ of the test subjects that no training or model selection saw.
 
 Methods (rows): no deformation (the affine stage alone), SimpleITK multi-resolution demons, ANTs SyN
 (``antspyx`` defaults, "not installed" when absent), VoxelMorph trained with the RAN's recipe, the RAN alone,
-the RAN + instance optimisation (``ran-register``'s default pipeline). Columns: mean Dice over the labels of
+the RAN + instance optimisation (``ran-register``'s default pipeline), instance optimisation from a zero field
+(``ran-register --no-network``) and from VoxelMorph's field: the network's worth is what its start adds to the
+optimisation. ``--curve`` adds the Dice against the optimisation's iterations (the defaults scaled) for each
+start, and the iterations the RAN's start saves to reach the Dice of a zero start. Columns: mean Dice over the labels of
 at least 100 voxels, Dice over the cortex labels, HD95 (mm), % det J <= 0 inside the fixed foreground, seconds
 per pair of the deformable stage (and as a ratio to ANTs in the same run). Everything is scored on the fixed
 image's own 1 mm grid with nearest-neighbour label warps (:func:`ran_bundle.evaluation.native_label_scores`).
@@ -37,13 +40,18 @@ import torch
 from ran_bundle.data import load_datalist
 from ran_bundle.evaluation import native_label_scores
 from ran_bundle.fields import ddf_voxel_to_mm
+from ran_bundle.optimise import optimise_field
 from ran_bundle.pipeline import RegistrationPipeline
 from ran_bundle.spatial import Grid, sitk_affine
 from scripts import classical
 
 REPO = Path(__file__).resolve().parents[1]
 
-METHODS = ("affine only", "demons", "ANTs SyN", "VoxelMorph", "RAN", "RAN + IO")
+METHODS = ("affine only", "demons", "ANTs SyN", "VoxelMorph", "VoxelMorph + IO", "RAN", "IO from zero", "RAN + IO")
+#: the rows of instance optimisation and where each starts
+IO_STARTS = {"VoxelMorph + IO": "VoxelMorph", "IO from zero": "zero", "RAN + IO": "RAN"}
+#: the starts of the curve of Dice against the optimisation's iterations
+STARTS = ("zero", "RAN", "VoxelMorph")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method (torch, ITK, ANTs)")
     p.add_argument("--limit", type=int, help="only the first N pairs (smoke runs)")
+    p.add_argument(
+        "--curve",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="SCALE",
+        help="also the Dice against instance-optimisation iterations: the default iterations times each SCALE "
+        "(e.g. 0.25 0.5 1), from a zero start, the RAN's and VoxelMorph's",
+    )
     p.add_argument("--out", required=True, help="folder for comparison.csv, comparison.md, comparison.json")
     return p.parse_args(argv)
 
@@ -79,14 +96,15 @@ def main(argv: list[str] | None = None) -> None:
     pairs = data[args.split][: args.limit]
     ran = RegistrationPipeline(weights=args.weights, progress=False)
     vxm = None
-    if "VoxelMorph" in args.methods:
+    if any(m.startswith("VoxelMorph") for m in args.methods) or args.curve:
         from scripts.peers import VoxelMorphDDF
 
         net = VoxelMorphDDF()
         state = torch.load(args.voxelmorph, map_location="cpu", weights_only=True)
         net.load_state_dict(state.get("model", state))
         vxm = RegistrationPipeline(weights=args.voxelmorph, network=net.eval(), progress=False)
-    rows = []
+    nets = {"RAN": ran, "VoxelMorph": vxm}
+    rows, curve = [], []
     for i, pair in enumerate(pairs):
         name = f"{Path(pair['moving_image']).parent.name}->{Path(pair['fixed_image']).parent.name}"
         inputs = ran.check_inputs(pair["fixed_image"], pair["moving_image"], pair["fixed_label"], pair["moving_label"])
@@ -96,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         moving_affined = sitk.Resample(inputs.sitk("moving"), fixed_image, sitk_affine(affine.matrix), sitk.sitkLinear)
         network_pair = ran.preprocess(inputs, affine)
         fields: dict[str, tuple[Grid, torch.Tensor, float]] = {}
+        starts: dict[str, tuple[torch.Tensor, float]] = {}  # each start's field and seconds, once per pair
         for method in args.methods:
             if method == "affine only":
                 fields[method] = (native, torch.zeros(1, 3, *native.shape), 0.0)
@@ -107,17 +126,13 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 v, s = _timed(classical.ants_syn, fixed_image, moving_affined)
                 fields[method] = (native, v, s)
-            elif method == "VoxelMorph" and vxm is not None:
-                ddf, s = _timed(vxm.predict, network_pair)
+            elif method in ("VoxelMorph", "RAN"):
+                ddf, s = _start(starts, method, network_pair, nets)
                 fields[method] = (network_pair.grid, ddf_voxel_to_mm(ddf, network_pair.grid.affine), s)
-            elif method in ("RAN", "RAN + IO"):
-                if "RAN" not in fields:
-                    ddf, s = _timed(ran.predict, network_pair)
-                    fields["RAN"] = (network_pair.grid, ddf_voxel_to_mm(ddf, network_pair.grid.affine), s)
-                    ran_ddf, ran_s = ddf, s
-                if method == "RAN + IO":
-                    (ddf_io, _), s = _timed(ran.optimise, network_pair, ran_ddf)
-                    fields[method] = (network_pair.grid, ddf_voxel_to_mm(ddf_io, network_pair.grid.affine), ran_s + s)
+            elif method in IO_STARTS:
+                ddf, start_s = _start(starts, IO_STARTS[method], network_pair, nets)
+                (ddf_io, _), s = _timed(ran.optimise, network_pair, ddf)
+                fields[method] = (network_pair.grid, ddf_voxel_to_mm(ddf_io, network_pair.grid.affine), start_s + s)
         for method in args.methods:
             if method not in fields:
                 continue
@@ -140,7 +155,51 @@ def main(argv: list[str] | None = None) -> None:
                 f"{rows[-1]['folding_percent']:.3f}% {seconds:.1f} s",
                 flush=True,
             )
+        for scale in args.curve:
+            iterations = [round(n * scale) for n in ran.io_iterations]
+            for start_name in STARTS:
+                start, start_s = _start(starts, start_name, network_pair, nets)
+                result = optimise_field(
+                    network_pair.moving, network_pair.fixed, start, iterations, weight=ran.io_weight,
+                    fold_weight=ran.io_fold_weight, progress=False,
+                )  # fmt: skip
+                world = ran.to_world(
+                    inputs, affine, network_pair.grid, ddf_voxel_to_mm(result.ddf, network_pair.grid.affine)
+                )
+                scores = native_label_scores(world["warped_label"], inputs.fixed_label.array, inputs.fixed.spacing)
+                curve.append(
+                    {
+                        "pair": name,
+                        "start": start_name,
+                        "scale": scale,
+                        "iterations": sum(iterations),
+                        "dice": scores["dice"],
+                        "folding_percent": world["stats"]["non_positive_jacobian_percent"],
+                        "io_seconds": result.seconds,
+                        "start_seconds": start_s,
+                    }
+                )
+                print(
+                    f"[{i + 1}/{len(pairs)}] {name} curve {start_name:10s} x{scale:g} ({sum(iterations)} it) "
+                    f"Dice {scores['dice']:.4f} fold {curve[-1]['folding_percent']:.3f}% {result.seconds:.1f} s",
+                    flush=True,
+                )
     write_report(rows, args)
+    if curve:
+        write_curve(curve, args)
+
+
+def _start(
+    cache: dict[str, tuple[torch.Tensor, float]], name: str, pair, nets: dict[str, RegistrationPipeline | None]
+) -> tuple[torch.Tensor, float]:
+    """The field ``(1, 3, *S)`` (voxels) of the network ``name`` ("RAN", "VoxelMorph"; "zero": none) on the
+    network pair and its seconds, computed once per pair (kept in ``cache``)."""
+    if name not in cache:
+        if name == "zero":
+            cache[name] = (torch.zeros(1, 3, *pair.grid.shape), 0.0)
+        else:
+            cache[name] = _timed(nets[name].predict, pair)
+    return cache[name]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -193,6 +252,62 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     ]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     (out / "comparison.json").write_text(json.dumps({"summary": summary, "machine": machine}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
+def write_curve(curve: list[dict], args: argparse.Namespace) -> None:
+    """``curve.csv`` and ``curve.md``: mean Dice, folding and optimisation seconds per start and iteration count,
+    and the network's worth: the iterations (and seconds) its start needs to reach the Dice of a zero start at the
+    default iterations, read off the curve by linear interpolation."""
+    out = Path(args.out)
+    with open(out / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(curve[0]))
+        writer.writeheader()
+        writer.writerows(curve)
+    scales = sorted({r["scale"] for r in curve})
+    mean = {
+        (start, scale): {
+            k: _mean_std([r[k] for r in curve if r["start"] == start and r["scale"] == scale])[0]
+            for k in ("dice", "folding_percent", "io_seconds", "iterations")
+        }
+        for start in STARTS
+        for scale in scales
+    }
+    lines = [
+        "| start | " + " | ".join(f"{mean[('zero', s)]['iterations']:.0f} it" for s in scales) + " |",
+        "|---|" + "---|" * len(scales),
+    ]
+    for start in STARTS:
+        cells = [
+            f"{mean[(start, s)]['dice']:.3f} ({mean[(start, s)]['folding_percent']:.3f}%, "
+            f"{mean[(start, s)]['io_seconds']:.1f} s)"
+            for s in scales
+        ]
+        lines.append(f"| {start} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean Dice (% det J <= 0, instance-optimisation seconds) per start and iteration count."]
+    if 1.0 in scales:
+        target = mean[("zero", 1.0)]["dice"]
+        for start in ("RAN", "VoxelMorph"):
+            dice = [mean[(start, s)]["dice"] for s in scales]
+            reached = next((k for k, d in enumerate(dice) if d >= target), None)
+            gain = mean[(start, 1.0)]["dice"] - target
+            if reached is None:
+                text = f"does not reach it within {mean[(start, scales[-1])]['iterations']:.0f} iterations"
+            elif reached == 0:
+                text = f"reaches it within {mean[(start, scales[0])]['iterations']:.0f} iterations (the fewest tried)"
+            else:
+                lo, hi = scales[reached - 1], scales[reached]
+                frac = (target - dice[reached - 1]) / max(dice[reached] - dice[reached - 1], 1e-9)
+                scale = lo + frac * (hi - lo)
+                text = (
+                    f"reaches it at about {scale * mean[('zero', 1.0)]['iterations']:.0f} iterations "
+                    f"({scale:.2f} of the default)"
+                )
+            lines.append(
+                f"- {start} start: {gain:+.3f} Dice over a zero start at the default iterations; to match a zero "
+                f"start's {target:.3f} it {text}."
+            )
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

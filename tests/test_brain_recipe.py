@@ -61,6 +61,24 @@ def test_the_voxelmorph_peer_config_builds_the_network_of_its_shipped_weights():
     check_state_dict_fits(read_state_dict(weights), network, str(weights))
 
 
+def test_distillation_recipe_records_its_settings():
+    """configs/brain_distill.json over the brain recipe: teacher fields cropped with the images, the end-point error
+    in the loss, the teacher passed by the training step, and the CPU settings it was trained with."""
+    from ran_bundle.distillation import TeacherFieldd
+
+    parser = ConfigParser()
+    configs = ("train.json", "brain_mindboggle.json", "brain_distill.json")
+    parser.read_config([str(REPO / "configs" / name) for name in configs])
+    parser["bundle_root"] = str(REPO)
+    get = parser.get_parsed_content
+    assert get("roi_size") == [48, 48, 48] and get("amp") is False and get("learning_rate") == 2e-4
+    loss = get("loss")
+    assert (loss.sim_weight, loss.dice_weight, loss.fold_weight, loss.field_weight) == (2.0, 1.0, 500.0, 1.0)
+    assert get("train#iteration_update").teacher_key == "teacher_ddf"
+    teachers = [t for t in get("train#preprocessing").transforms if isinstance(t, TeacherFieldd)]
+    assert len(teachers) == 1 and teachers[0].teacher_dir == REPO / "runs" / "teacher_fields"
+
+
 def _command(tmp_path: Path, datalist: Path, name: str, *extra: str) -> list[str]:
     return [
         sys.executable,
