@@ -19,7 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ran_bundle.checks import InputError, load_volume
-from ran_bundle.fields import atomic_write, write_image_atomic
+from ran_bundle.fields import RAS_TO_LPS, atomic_write, write_image_atomic
 from ran_bundle.spatial import ras_affine_of, read_displacement_field, to_sitk_image
 
 __all__ = [
@@ -51,7 +51,7 @@ def read_field_transform(path: str | os.PathLike) -> tuple[sitk.DisplacementFiel
 def _frame_matrix(frame: str) -> np.ndarray:
     if frame not in POINT_FRAMES:
         raise InputError(f"--frame {frame!r}: expected one of {POINT_FRAMES}.")
-    return np.diag([-1.0, -1.0, 1.0]) if frame == "lps" else np.eye(3)
+    return RAS_TO_LPS[:3, :3] if frame == "lps" else np.eye(3)
 
 
 def read_points_csv(path: str | os.PathLike, frame: str = "lps") -> tuple[list[dict[str, str]], list[str], np.ndarray]:
@@ -169,7 +169,7 @@ def warp_points_file(
         raise InputError(f"--out {out}: the output of --points must be a .csv file.")
     transform, reference = read_field_transform(field)
     rows, names, pts = read_points_csv(points, frame)
-    lps = np.diag([-1.0, -1.0, 1.0])
+    lps = RAS_TO_LPS[:3, :3]
     mapped = np.array([transform.TransformPoint(tuple(float(v) for v in lps @ p)) for p in pts]).reshape(-1, 3)
     mapped = mapped @ lps.T
     size = np.asarray(reference.GetSize())

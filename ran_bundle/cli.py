@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from ran_bundle.defaults import PIPELINE_DEFAULTS
+
 __all__ = [
     "LONGITUDINAL",
     "add_pipeline_options",
@@ -59,10 +61,17 @@ def _fail(name: str, message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def _words(values: Sequence[float]) -> str:
+    return " ".join(f"{v:g}" for v in values)
+
+
 def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     """The registration options every front end of the pipeline takes (``ran-register``, the MONAI Deploy app),
-    with one set of names and defaults; :func:`pipeline_options` turns them into pipeline arguments."""
-    p.add_argument("--affine", choices=("affine", "rigid", "none"), default=None, help="affine stage (default affine)")
+    with one set of names and defaults (:data:`ran_bundle.defaults.PIPELINE_DEFAULTS`, the pipeline's own; the
+    options that ``--longitudinal`` may set default to ``None``, to tell them apart from given values);
+    :func:`pipeline_options` turns them into pipeline arguments."""
+    d = PIPELINE_DEFAULTS
+    p.add_argument("--affine", choices=("affine", "rigid", "none"), help=f"affine stage (default {d.affine})")
     p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
     p.add_argument(
         "--no-network",
@@ -77,12 +86,38 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar=("HALF", "FULL"),
-        help="instance-optimisation iterations at half and at full network resolution (default: 30 40)",
+        help="instance-optimisation iterations at half and at full network resolution "
+        f"(default: {_words(d.io_iterations)})",
     )
     p.add_argument(
-        "--io-weight", type=float, default=None, help="weight of its diffusion regulariser (10 with ncc, 1 with mind)"
+        "--io-weight",
+        type=float,
+        help=f"weight of its diffusion regulariser (default {d.io_weight:g} with ncc, 1 with mind)",
     )
-    p.add_argument("--io-fold-weight", type=float, default=50.0, help="weight of its folding penalty (default 50)")
+    p.add_argument(
+        "--io-fold-weight",
+        type=float,
+        default=d.io_fold_weight,
+        help="weight of its folding penalty (default %(default)g)",
+    )
+    p.add_argument(
+        "--spacing",
+        nargs="+",
+        default=[f"{d.spacing:g}"],
+        help=f"network grid spacing in mm: one or three numbers (default {d.spacing:g})",
+    )
+    p.add_argument(
+        "--intensity", choices=("ct", "mr", "none"), default=d.intensity, help="intensity scaling (default %(default)s)"
+    )
+    p.add_argument(
+        "--ct-window",
+        nargs=2,
+        type=float,
+        default=d.ct_window,
+        metavar=("LOW", "HIGH"),
+        help=f"HU window mapped to [0, 1] with --intensity ct, as at training (default: {_words(d.ct_window)}, the "
+        "abdomen's; lungs: -1000 300)",
+    )
     p.add_argument(
         "--similarity",
         choices=("ncc", "mind"),
@@ -96,8 +131,6 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=f"a follow-up scan of the same subject: {' '.join(LONGITUDINAL_FLAGS)} unless given otherwise",
     )
-    p.add_argument("--spacing", nargs="+", default=["2"], help="network grid spacing in mm: one or three numbers")
-    p.add_argument("--intensity", choices=("ct", "mr", "none"), default="mr", help="intensity scaling (default mr)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--inverse", action="store_true", help="also write inverse_ddf.nii.gz")
 
@@ -107,7 +140,8 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller). ``--longitudinal`` fills
     the options the user left out with :data:`LONGITUDINAL`."""
     preset = LONGITUDINAL if args.longitudinal else {}
-    defaults = {"affine": "affine", "io_iterations": (30, 40)}  # io_weight, io_start: the pipeline's per similarity
+    # io_weight, io_start: the pipeline's own, per similarity
+    defaults = {"affine": PIPELINE_DEFAULTS.affine, "io_iterations": PIPELINE_DEFAULTS.io_iterations}
 
     def value(name: str):
         given = getattr(args, name)
@@ -116,6 +150,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     return {
         "spacing": " ".join(args.spacing),
         "intensity": args.intensity,
+        "ct_window": tuple(args.ct_window),
         "affine": value("affine"),
         "io_iterations": (0, 0) if args.no_io else tuple(value("io_iterations")),
         "io_weight": value("io_weight"),
@@ -152,10 +187,15 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-label", help="label map of the fixed image; with --moving-label the report gives Dice")
     add_pipeline_options(p)
     p.add_argument("--initial-transform", help="ITK transform file (fixed -> moving points) to start the affine from")
-    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tune a copy of the network first (GPU option)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="its Adam learning rate")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=PIPELINE_DEFAULTS.finetune_steps,
+        help="fine-tune a copy of the network first (GPU option)",
+    )
+    p.add_argument("--finetune-lr", type=float, default=PIPELINE_DEFAULTS.finetune_lr, help="its Adam learning rate")
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
-    p.add_argument("--preset", default="ref", help="RAN preset of the weights (default ref)")
+    p.add_argument("--preset", default=PIPELINE_DEFAULTS.preset, help="RAN preset of the weights (default %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision for the network")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, all cores)")
     p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")

@@ -28,6 +28,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from ran_bundle.data import TEACHER_DDF, load_datalist, make_pair
+from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.engines import pair_name
 from ran_bundle.fields import atomic_write
 from ran_bundle.optimise import optimise_field
@@ -44,7 +45,10 @@ def teacher_file(teacher_dir: str | os.PathLike, moving: Any, fixed: Any) -> Pat
 
 
 def teacher_field(
-    moving: torch.Tensor, fixed: torch.Tensor, iterations: Sequence[int] = (30, 40), progress: bool = False
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    iterations: Sequence[int] = PIPELINE_DEFAULTS.io_iterations,
+    progress: bool = False,
 ) -> torch.Tensor:
     """The teacher of one pair: instance optimisation from a zero field with the pipeline's defaults.
 
@@ -84,7 +88,7 @@ class TeacherFieldd(MapTransform):
     def __init__(
         self,
         teacher_dir: str | os.PathLike,
-        iterations: Sequence[int] = (30, 40),
+        iterations: Sequence[int] = PIPELINE_DEFAULTS.io_iterations,
         compute_missing: bool = True,
         moving_key: str = "moving_image",
         fixed_key: str = "fixed_image",
@@ -148,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--align-cache", default="runs/affine_cache", help="the training run's affine cache folder")
     p.add_argument("--spacing", type=float, default=2.0, help="grid spacing (mm)")
     p.add_argument("--intensity", default="mr", choices=("mr", "ct", "none"))
-    p.add_argument("--iterations", type=int, nargs=2, default=(30, 40), metavar=("HALF", "FULL"))
+    p.add_argument("--iterations", type=int, nargs=2, default=PIPELINE_DEFAULTS.io_iterations, metavar=("HALF", "FULL"))
     p.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"), help="this process's share")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)

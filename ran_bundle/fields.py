@@ -17,8 +17,9 @@ Convention (used by the network, the losses, the metrics and every reader and wr
 * World-space displacements: ``v(p) = A_m (x + u(x)) - A_f x`` with ``p = A_f x`` (homogeneous
   coordinates; ``A_m = A_f`` unless ``moving_affine`` is given), in mm. :func:`ddf_voxel_to_mm`
   returns ``v`` in RAS; :func:`to_itk_displacement` converts it to ITK's **LPS** frame
-  (``x`` and ``y`` negated) and builds the ITK displacement field image that
-  ``sitk.DisplacementFieldTransform`` (ITK, ANTs, 3D Slicer) reads: a point ``p`` of fixed physical
+  (``x`` and ``y`` negated: :data:`RAS_TO_LPS`, the one definition of that change of frame, which
+  :mod:`ran_bundle.spatial` and :mod:`ran_bundle.apply` use too) and builds the ITK displacement field
+  image that ``sitk.DisplacementFieldTransform`` (ITK, ANTs, 3D Slicer) reads: a point ``p`` of fixed physical
   space maps to ``p + v(p)`` of moving physical space, so
   ``sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field))`` reproduces
   :func:`warp_image`.
@@ -43,6 +44,7 @@ from ran_bundle.networks.blocks import warp
 from ran_bundle.tensors import as_plain_tensor
 
 __all__ = [
+    "RAS_TO_LPS",
     "as_affine",
     "spacing_of",
     "ddf_voxel_to_mm",
@@ -54,6 +56,11 @@ __all__ = [
 ]
 
 ArrayLike = torch.Tensor | np.ndarray
+
+#: ``diag(-1, -1, 1, 1)``: RAS <-> LPS for homogeneous points (its own inverse); its top-left ``d x d`` block
+#: converts vectors (and the points of ``d`` <= 3 dimensions)
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+RAS_TO_LPS.setflags(write=False)
 
 
 def _to_numpy(x: ArrayLike | Sequence) -> np.ndarray:
@@ -139,13 +146,6 @@ def ddf_voxel_to_mm(
     return out if is_torch else out.numpy()
 
 
-def _lps_flip(d: int) -> np.ndarray:
-    """Diagonal matrix converting RAS to LPS (negate the first two world axes)."""
-    flip = np.ones(d)
-    flip[: min(2, d)] = -1.0
-    return np.diag(flip)
-
-
 def to_itk_displacement(
     ddf_voxel: ArrayLike,
     affine: ArrayLike | Sequence,
@@ -181,7 +181,7 @@ def to_itk_displacement(
         raise ValueError(f"to_itk_displacement takes one field (batch size 1), got shape {tuple(ddf_voxel.shape)}.")
     a = as_affine(affine, d)
     mm_ras = _to_numpy(ddf_voxel_to_mm(ddf_voxel, a, moving_affine))[0].astype(np.float64)  # (d, *spatial)
-    flip = _lps_flip(d)
+    flip = RAS_TO_LPS[:d, :d]
     vec_lps = np.einsum("ij,j...->i...", flip, mm_ras)
     # SimpleITK's array view is (z, y, x[, comp]) = reversed ITK index order.
     arr = np.moveaxis(vec_lps, 0, -1)  # (*spatial, d)

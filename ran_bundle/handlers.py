@@ -2,8 +2,6 @@
 
 - :class:`RegistrationMetricsWriter`: per-pair metrics in mm (:func:`~ran_bundle.metrics.evaluate_pair`)
   written to ``metrics_per_pair.csv`` and ``metrics_summary.csv``;
-- :class:`RegistrationWriter`: per-pair NIfTI outputs (warped image and label, ITK displacement
-  field, Jacobian determinant) on the fixed image's grid;
 - :class:`LastCheckpointSaver`: the whole training state in one file, written atomically, to resume from
   (ignite's :class:`~ignite.handlers.Checkpoint` and :class:`~ignite.handlers.DiskSaver`);
 - :class:`DatasetEpochHandler`: tells a dataset which epoch starts, so that its random draws follow it;
@@ -32,13 +30,12 @@ from ignite.handlers.checkpoint import CheckpointEvents
 
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import pair_names
-from ran_bundle.fields import atomic_write, spacing_of, write_displacement_nifti, write_image_atomic
-from ran_bundle.metrics import evaluate_pair, jacobian_determinant, summarise
+from ran_bundle.fields import atomic_write, spacing_of
+from ran_bundle.metrics import evaluate_pair, summarise
 from ran_bundle.tensors import as_plain_tensor
 
 __all__ = [
     "RegistrationMetricsWriter",
-    "RegistrationWriter",
     "LastCheckpointSaver",
     "DatasetEpochHandler",
     "TrainingReport",
@@ -152,51 +149,6 @@ class RegistrationMetricsWriter:
         logger.info("wrote %s and %s", self.output_dir / self.per_pair_filename, self.summary_filename)
         print(f"registration metrics (mean +- std over pairs; distances in mm):\n{table}", flush=True)
         return summary
-
-
-class RegistrationWriter:
-    """Write each registered pair of an evaluator (:class:`~ran_bundle.engines.RegistrationEvalStep`) as NIfTI.
-
-    Per pair ``<moving-stem>_to_<fixed-stem>``, on the fixed image's grid and affine (after the
-    preprocessing of the config), atomically (:mod:`ran_bundle.fields`):
-
-    - ``<pair>_warped.nii.gz``: moving image warped onto the fixed grid (float32, preprocessed
-      intensities);
-    - ``<pair>_warped_label.nii.gz``: moving label warped with nearest neighbour (only written when
-      the pair has a moving label; int16, values from the moving label set only);
-    - ``<pair>_ddf.nii.gz``: the displacement field in mm in ITK's convention
-      (:func:`~ran_bundle.fields.write_displacement_nifti`), usable by SimpleITK/ANTs/Slicer;
-    - ``<pair>_jacobian.nii.gz``: Jacobian determinant of ``x -> x + u(x)`` (float32).
-
-    Args:
-        output_dir: output folder (created).
-    """
-
-    def __init__(self, output_dir: str | os.PathLike) -> None:
-        self.output_dir = Path(output_dir)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        batch, out = engine.state.batch, engine.state.output
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        b = int(out["ddf"].shape[0])
-        names = pair_names(batch)
-        affines = _affines(batch[FIXED], b)
-        for i in range(b):
-            prefix, affine = self.output_dir / names[i], affines[i]
-            ddf = out["ddf"][i : i + 1].detach().float().cpu()
-            write_image_atomic(
-                out["warped"][i, 0].detach().float().cpu().numpy(), affine, f"{prefix}_warped.nii.gz", "float32"
-            )
-            if out.get("pred") is not None:
-                lab = out["pred"][i, 0].detach().cpu().numpy()
-                write_image_atomic(np.rint(lab).astype(np.int16), affine, f"{prefix}_warped_label.nii.gz", "int16")
-            write_displacement_nifti(ddf.numpy(), affine, f"{prefix}_ddf.nii.gz")
-            jac = np.asarray(jacobian_determinant(ddf.numpy()), dtype=np.float32).reshape(ddf.shape[2:])
-            write_image_atomic(jac, affine, f"{prefix}_jacobian.nii.gz", "float32")
-            logger.info("wrote %s_{warped,warped_label,ddf,jacobian}.nii.gz", prefix)
 
 
 class _ReplacingDiskSaver(DiskSaver):

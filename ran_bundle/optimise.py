@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.engines import registration_train_step
 from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc, mind_ssc, mind_ssd
 from ran_bundle.networks.blocks import warp
@@ -162,7 +163,7 @@ def optimise_field(
     moving: torch.Tensor,
     fixed: torch.Tensor,
     ddf: torch.Tensor,
-    iterations: Sequence[int] = (30, 40),
+    iterations: Sequence[int] = PIPELINE_DEFAULTS.io_iterations,
     lr: float = 0.2,
     window: int = 5,
     weight: float = 10.0,

@@ -55,6 +55,7 @@ from ran_bundle.checks import (
     parse_spacing,
     resolve_device,
 )
+from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, registration_quality
 from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import jacobian_determinant
@@ -93,7 +94,7 @@ IO_STARTS = ("network", "zero")
 #: (Mindboggle 14 -> 13 at 3 mm, docs/register.md) MIND scored Dice 0.473 from the network's field with weight 1,
 #: against 0.438 (network) and 0.444 (zero start) with NCC's weight 10: MIND's SSD is smaller than NCC's term
 IO_START = {"ncc": "network", "mind": "network"}
-IO_WEIGHT = {"ncc": 10.0, "mind": 1.0}
+IO_WEIGHT = {"ncc": PIPELINE_DEFAULTS.io_weight, "mind": 1.0}
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
@@ -199,6 +200,9 @@ class Registration:
 class RegistrationPipeline:
     """Affine stage, RAN, instance optimisation and world-space outputs for one pair at a time.
 
+    The defaults (:data:`ran_bundle.defaults.PIPELINE_DEFAULTS`, which the command line and the configs read too)
+    fit the shipped brain MR weights.
+
     Args:
         weights: checkpoint of the network; default: the bundle's ``models/model.pt``.
         preset: RAN preset of the weights.
@@ -206,6 +210,8 @@ class RegistrationPipeline:
         amp: mixed precision for the network.
         spacing: voxel size (mm) of the network grid (the weights' training resolution).
         intensity: ``"ct"``, ``"mr"`` or ``"none"`` (as at training).
+        ct_window: the HU window ``(low, high)`` mapped to [0, 1] with ``intensity="ct"`` (as at training):
+            the abdomen's [-100, 300] by default; [-1000, 300] for the lungs (``configs/lung_ct.json``).
         affine: ``"affine"`` (rigid then affine), ``"rigid"`` or ``"none"``.
         initial_transform: an ITK transform file (affine/rigid, fixed -> moving points) to start from; with
             ``affine="none"`` it is used as the affine stage's result.
@@ -232,22 +238,23 @@ class RegistrationPipeline:
     def __init__(
         self,
         weights: str | os.PathLike | None = None,
-        preset: str = "ref",
+        preset: str = PIPELINE_DEFAULTS.preset,
         device: str | None = None,
         amp: bool = False,
-        spacing: Any = 2.0,
-        intensity: str = "mr",
-        affine: str = "affine",
+        spacing: Any = PIPELINE_DEFAULTS.spacing,
+        intensity: str = PIPELINE_DEFAULTS.intensity,
+        ct_window: Sequence[float] = PIPELINE_DEFAULTS.ct_window,
+        affine: str = PIPELINE_DEFAULTS.affine,
         initial_transform: str | os.PathLike | None = None,
-        io_iterations: Sequence[int] = (30, 40),
+        io_iterations: Sequence[int] = PIPELINE_DEFAULTS.io_iterations,
         io_weight: float | None = None,
-        io_fold_weight: float = 50.0,
+        io_fold_weight: float = PIPELINE_DEFAULTS.io_fold_weight,
         similarity: str = "ncc",
         io_start: str | None = None,
         fixed_mask: str | os.PathLike | None = None,
         moving_mask: str | os.PathLike | None = None,
-        finetune_steps: int = 0,
-        finetune_lr: float = 1e-4,
+        finetune_steps: int = PIPELINE_DEFAULTS.finetune_steps,
+        finetune_lr: float = PIPELINE_DEFAULTS.finetune_lr,
         inverse: bool = False,
         progress: bool = True,
         network: ResidualAlignerNetwork | None = None,
@@ -255,6 +262,12 @@ class RegistrationPipeline:
         self.spacing = parse_spacing(spacing)
         if intensity not in INTENSITIES:
             raise InputError(f"--intensity {intensity!r}: expected one of {INTENSITIES}.")
+        try:
+            window = [float(v) for v in ct_window]
+        except (TypeError, ValueError):
+            window = []
+        if len(window) != 2 or not all(np.isfinite(window)) or window[0] >= window[1]:
+            raise InputError(f"--ct-window {ct_window!r}: expected two numbers LOW HIGH (HU) with LOW < HIGH.")
         if affine not in AFFINE_STAGES:
             raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
         if similarity not in SIMILARITIES:
@@ -278,6 +291,7 @@ class RegistrationPipeline:
         self.device = resolve_device(device)
         self.amp = bool(amp)
         self.intensity = intensity
+        self.ct_window = (window[0], window[1])
         self.affine_stage = affine
         self.initial = None if initial_transform is None else read_transform(initial_transform)
         self.initial_transform = initial_transform
@@ -377,8 +391,9 @@ class RegistrationPipeline:
         with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
             fixed_image = inputs.sitk("fixed")
             grid = foreground_grid(fixed_image, self.spacing)
-            fixed = scale_intensity(resample_to_grid(fixed_image, grid), self.intensity)
-            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), self.intensity)
+            scale = {"intensity": self.intensity, "ct_window": self.ct_window}
+            fixed = scale_intensity(resample_to_grid(fixed_image, grid), **scale)
+            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), **scale)
             masks = {}
             for which, matrix in (("fixed", None), ("moving", affine.matrix)):
                 mask = inputs.sitk_mask(which)
@@ -609,6 +624,7 @@ class RegistrationPipeline:
                 "grid_shape": list(registration.pair.grid.shape),
                 "grid_spacing_mm": list(registration.pair.grid.spacing),
                 "intensity": self.intensity,
+                "ct_window": list(self.ct_window),
                 "finetune_steps": self.finetune_steps,
                 "run": self.io_start == "network",
             },

@@ -4,7 +4,7 @@ between grids, and the bridge to SimpleITK images.
 Conventions (those of :mod:`ran_bundle.fields`): affines are ``(4, 4)`` voxel-to-world matrices in the
 **RAS** frame; a world field ``v`` ``(3, *S)`` on a grid with affine ``A`` maps the point ``p = A y``
 (voxel ``y``) to ``p + v(p)``, in mm. SimpleITK (and ITK, ANTs, Slicer) store points and vectors in
-**LPS**: :data:`RAS_TO_LPS` converts either way.
+**LPS**: :data:`ran_bundle.fields.RAS_TO_LPS` converts either way.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.checks import InputError
-from ran_bundle.fields import as_affine
+from ran_bundle.fields import RAS_TO_LPS, as_affine
 from ran_bundle.networks.blocks import warp
 
 __all__ = [
-    "RAS_TO_LPS",
     "voxel_grid",
     "world_to_voxel",
     "voxel_to_world",
@@ -42,9 +41,6 @@ __all__ = [
     "foreground_grid",
     "resample_to_grid",
 ]
-
-#: ``diag(-1, -1, 1, 1)``: RAS <-> LPS (its own inverse)
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 def voxel_grid(shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -199,7 +195,7 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.n
     if not np.isfinite(arr).all():
         raise InputError(f"field {p}: holds NaN or infinite vectors.")
     arr = np.transpose(arr, (2, 1, 0, 3))  # (i, j, k, 3) in ITK index order
-    vec = np.moveaxis(arr, -1, 0) * np.array([-1.0, -1.0, 1.0])[:, None, None, None]  # LPS -> RAS
+    vec = np.einsum("ij,...j->i...", RAS_TO_LPS[:3, :3], arr)  # (3, i, j, k): LPS -> RAS
     lin_lps = np.reshape(img.GetDirection(), (3, 3)) * np.asarray(img.GetSpacing())[None, :]
     affine_lps = np.eye(4)
     affine_lps[:3, :3], affine_lps[:3, 3] = lin_lps, img.GetOrigin()
@@ -255,7 +251,7 @@ def ras_affine_of(image: sitk.Image) -> np.ndarray:
 def ras_matrix(transform: sitk.Transform) -> np.ndarray:
     """``(4, 4)`` matrix, on RAS world points, of a 3-D SimpleITK transform that is linear (affine, rigid,
     similarity, translation, or a composite of those); ITK works in LPS, so ``M_ras = F M_lps F`` with
-    ``F = diag(-1, -1, 1, 1)``."""
+    ``F`` = :data:`~ran_bundle.fields.RAS_TO_LPS`."""
     origin = np.zeros(3)
     m_lps = np.eye(4)
     m_lps[:3, 3] = np.asarray(transform.TransformPoint(tuple(origin)))

@@ -45,7 +45,8 @@ Pieces:
 - another contrast: :func:`synthetic_contrast` (random per-structure intensities, bias and noise from a label
   map, as SynthSeg), for tests of cross-contrast registration; the images it makes are synthetic;
 - evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric) and
-  :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint); the trainer
+  :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint, through
+  :func:`ran_bundle.checks.read_state_dict`); the trainer
   and evaluator steps of the pretraining are :class:`ran_bundle.engines.SyntheticTrainStep` and
   :class:`ran_bundle.engines.SyntheticEvalStep`.
 
@@ -88,6 +89,7 @@ from monai.transforms import (
 from monai.utils import MetricReduction
 from torch.utils.data import Dataset
 
+from ran_bundle.checks import InputError, check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.fields import spacing_of
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
@@ -763,23 +765,22 @@ def load_pretrained(
 
     The Python counterpart of ``configs/train.json``'s ``--pretrained_ckpt``: start from a pretraining
     checkpoint (``runs/pretrain/model.pt`` holds ``{"model", "optimizer", "lr_scheduler"}``; only the
-    model is taken). ``ckpt=None`` returns ``network`` unchanged.
+    model is taken) or a plain state dict, read as every weight file is (:func:`ran_bundle.checks.read_state_dict`:
+    a DDP ``"module."`` prefix is removed). ``ckpt=None`` returns ``network`` unchanged.
 
     Raises:
-        FileNotFoundError: ``ckpt`` does not exist.
-        KeyError: the checkpoint is a dict without ``key`` (and is not itself a state dict).
+        InputError: ``ckpt`` is missing, truncated or unreadable, holds no ``key`` weights, or (``strict``) its
+            weights do not fit ``network`` (the first mismatches named); one line each.
     """
     if ckpt is not None and str(ckpt) not in ("", "None", "null"):
         if not os.path.isfile(ckpt):
-            raise FileNotFoundError(
-                f"pretrained checkpoint {os.fspath(ckpt)!r} not found; run the pretraining first "
+            raise InputError(
+                f"pretrained checkpoint {os.fspath(ckpt)}: file not found; run the pretraining first "
                 "(python -m monai.bundle run training --config_file configs/pretrain.json)."
             )
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if isinstance(state, Mapping) and key in state:
-            state = state[key]
-        elif isinstance(state, Mapping) and not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise KeyError(f"checkpoint {ckpt} has no {key!r} entry (keys: {sorted(state)}).")
+        state = read_state_dict(ckpt, key)
+        if strict:
+            check_state_dict_fits(state, network, os.fspath(ckpt), "the network", "start from weights of its preset.")
         network.load_state_dict(state, strict=strict)
         logging.getLogger(__name__).info("loaded pretrained weights %r of %s", key, os.fspath(ckpt))
     return network if device is None else network.to(device)

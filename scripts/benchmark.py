@@ -97,12 +97,13 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
-    sys.path.insert(0, str(REPO))
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.peers import ALL_MODELS, RAN_MODELS, build_model  # noqa: E402
-from scripts.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn  # noqa: E402
+from scripts.peers import ALL_MODELS, RAN_MODELS, build_model
+from scripts.profiling import autocast_ctx, machine_line, meta_pass, train_step_fn
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_SIZES = ("96x80x128",)
 DEFAULT_MODELS = (*RAN_MODELS, "voxelmorph", "localnet", "conv16")

@@ -59,20 +59,21 @@ from monai.data import list_data_collate
 from monai.utils import set_determinism
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
-    sys.path.insert(0, str(REPO))
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ran_bundle.checks import check_state_dict_fits, read_state_dict  # noqa: E402
-from ran_bundle.data import RandomPairDataset, load_datalist  # noqa: E402
-from ran_bundle.engines import NonFiniteLossError, prepare_batch, registration_train_step  # noqa: E402
-from ran_bundle.evaluation import evaluate_model, evaluation_pairs, label_names  # noqa: E402
-from ran_bundle.losses import RegistrationLoss  # noqa: E402
-from ran_bundle.metrics import summarise  # noqa: E402
-from ran_bundle.transforms import registration_transforms  # noqa: E402
-from scripts import figures  # noqa: E402
-from scripts.peers import ALL_MODELS, build_model, n_params  # noqa: E402
-from scripts.profiling import machine_line, meta_pass  # noqa: E402
+from ran_bundle.checks import check_state_dict_fits, read_state_dict
+from ran_bundle.data import RandomPairDataset, load_datalist
+from ran_bundle.engines import NonFiniteLossError, prepare_batch, registration_train_step
+from ran_bundle.evaluation import evaluate_model, evaluation_pairs, label_names
+from ran_bundle.losses import RegistrationLoss
+from ran_bundle.metrics import summarise
+from ran_bundle.transforms import registration_transforms
+from scripts import figures
+from scripts.peers import ALL_MODELS, build_model, n_params
+from scripts.profiling import machine_line, meta_pass
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_MODELS = ("RAn0", "RAn3", "RAn4+", "voxelmorph", "localnet")
 IDENTITY = "identity"

@@ -34,21 +34,23 @@ import sys
 import time
 from pathlib import Path
 
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ran_bundle.apply import read_points_csv
+from ran_bundle.data import load_datalist
+from ran_bundle.evaluation import native_label_scores
+from ran_bundle.fields import ddf_voxel_to_mm
+from ran_bundle.optimise import optimise_field
+from ran_bundle.pipeline import RegistrationPipeline
+from ran_bundle.spatial import Grid, sample_voxels, sitk_affine, world_to_voxel
+from scripts import classical
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # scripts.* when run as a file
-
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
-
-from ran_bundle.apply import read_points_csv  # noqa: E402
-from ran_bundle.data import load_datalist  # noqa: E402
-from ran_bundle.evaluation import native_label_scores  # noqa: E402
-from ran_bundle.fields import ddf_voxel_to_mm  # noqa: E402
-from ran_bundle.optimise import optimise_field  # noqa: E402
-from ran_bundle.pipeline import RegistrationPipeline  # noqa: E402
-from ran_bundle.spatial import Grid, sample_voxels, sitk_affine, world_to_voxel  # noqa: E402
-from scripts import classical  # noqa: E402
 
 METHODS = ("affine only", "demons", "ANTs SyN", "VoxelMorph", "VoxelMorph + IO", "RAN", "IO from zero", "RAN + IO")
 #: the rows of instance optimisation and where each starts

@@ -32,11 +32,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
-    sys.path.insert(0, str(REPO))
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.tiny_ct import random_field, warp_volume  # noqa: E402
+from scripts.tiny_ct import random_field, warp_volume
+
+REPO = Path(__file__).resolve().parents[1]
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "totalseg_example_ct" / "ts_example"
 DEFAULT_OUT = REPO / "data" / "tiny_ct"

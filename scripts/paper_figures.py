@@ -50,18 +50,19 @@ import torch
 from monai.data import list_data_collate
 from scipy.ndimage import gaussian_filter
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
-    sys.path.insert(0, str(REPO))
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ran_bundle.data import load_datalist  # noqa: E402
-from ran_bundle.engines import prepare_batch  # noqa: E402
-from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.theory import preset_theory  # noqa: E402
-from ran_bundle.transforms import registration_transforms  # noqa: E402
-from scripts import figures  # noqa: E402
-from scripts.peers import build_model  # noqa: E402
-from scripts.tiny_ct import random_field, warp_volume  # noqa: E402
+from ran_bundle.data import load_datalist
+from ran_bundle.engines import prepare_batch
+from ran_bundle.networks.blocks import warp
+from ran_bundle.theory import preset_theory
+from ran_bundle.transforms import registration_transforms
+from scripts import figures
+from scripts.peers import build_model
+from scripts.tiny_ct import random_field, warp_volume
+
+REPO = Path(__file__).resolve().parents[1]
 
 THEORY_PRESETS = ("RAn0", "RAn3", "RAn4", "RAn4+", "ref")
 FIG7_MODELS = ("RAn0", "RAn3", "RAn4+")

@@ -7,15 +7,16 @@ that one benchmark run shows each speed-up.
 
 Every model is called as ``net(x)`` with ``x = (B, 2, *S)`` (moving, fixed stacked as channels) and returns the
 DDF ``(B, 3, *S)`` in voxels. Used by ``scripts/benchmark.py``, ``scripts/compare.py`` and
-``scripts/paper_figures.py``; a bundle config can name :class:`VoxelMorphDDF` as ``scripts.peers.VoxelMorphDDF``
-(``python -m monai.bundle run`` puts the bundle root on ``sys.path``). MONAI and the RAN are imported when a model
+``scripts/paper_figures.py``; the peer's training config ``scripts/brain_voxelmorph.json`` names
+:class:`VoxelMorphDDF` as ``scripts.peers.VoxelMorphDDF`` (``python -m monai.bundle run`` puts the bundle root on
+``sys.path``). MONAI and the RAN are imported when a model
 is built, so that importing this module stays cheap (the benchmark's measuring subprocesses).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ __all__ = [
     "ConvStack",
     "VoxelMorphDDF",
     "build_model",
+    "local_net",
     "n_params",
 ]
 
@@ -129,12 +131,25 @@ def build_model(name: str, checkpointing: bool = False) -> nn.Module:
     if name == "voxelmorph":
         return VoxelMorphDDF()
     if name == "localnet":
-        from monai.networks.nets import LocalNet
-
-        return LocalNet(
-            spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=32, extract_levels=(0, 1, 2, 3)
-        )
+        return local_net()
     raise ValueError(f"unknown model {name!r}; choose from {ALL_MODELS}")
+
+
+def local_net(spatial_dims: int = 3, channels: int = 32, extract_levels: Sequence[int] = (0, 1, 2, 3)) -> nn.Module:
+    """MONAI's ``LocalNet`` as a DDF network: ``x (B, 2, *S)`` (moving, fixed) -> ``(B, spatial_dims, *S)`` voxels.
+
+    The defaults are the comparison's peer (32 initial channels, levels 0-3); ``scripts/pretraining_report.py``
+    builds ``local_net(3, 8, (3,))`` and ``scripts/probe_input_dependence.py`` ``local_net(2, 16, (3,))``.
+    """
+    from monai.networks.nets import LocalNet
+
+    return LocalNet(
+        spatial_dims=spatial_dims,
+        in_channels=2,
+        out_channels=spatial_dims,
+        num_channel_initial=channels,
+        extract_levels=tuple(extract_levels),
+    )
 
 
 def _use_reference_norms(net: nn.Module) -> None:

@@ -51,28 +51,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the release zip ships ran_bundle/ beside scripts/, not installed
-    sys.path.insert(0, str(REPO))
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite.engine import Events  # noqa: E402
-from monai.data import DataLoader  # noqa: E402
-from monai.engines import SupervisedTrainer  # noqa: E402
-from monai.utils import set_determinism  # noqa: E402
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+from monai.utils import set_determinism
 
-from ran_bundle.data import load_datalist  # noqa: E402
-from ran_bundle.engines import RegistrationTrainStep, SyntheticTrainStep, prepare_batch  # noqa: E402
-from ran_bundle.losses import RegistrationLoss, SyntheticFieldLoss  # noqa: E402
-from ran_bundle.metrics import dice, non_positive_jacobian  # noqa: E402
-from ran_bundle.networks import ResidualAlignerNetwork  # noqa: E402
-from ran_bundle.networks.blocks import warp  # noqa: E402
-from ran_bundle.synthetic import (  # noqa: E402
+from ran_bundle.data import load_datalist
+from ran_bundle.engines import RegistrationTrainStep, SyntheticTrainStep, prepare_batch
+from ran_bundle.losses import RegistrationLoss, SyntheticFieldLoss
+from ran_bundle.metrics import dice, non_positive_jacobian
+from ran_bundle.networks import ResidualAlignerNetwork
+from ran_bundle.networks.blocks import warp
+from ran_bundle.synthetic import (
     TRUE_DDF,
     SyntheticPairDataset,
     end_point_error,
     load_pretrained,
     synthetic_pair_transforms,
 )
+from scripts.peers import local_net
+
+REPO = Path(__file__).resolve().parents[1]
 
 TEST_SEED = 100000
 
@@ -143,9 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_network(args: argparse.Namespace) -> torch.nn.Module:
     if args.network == "localnet":
-        from monai.networks.nets import LocalNet
-
-        return LocalNet(spatial_dims=3, in_channels=2, out_channels=3, num_channel_initial=8, extract_levels=[3])
+        return local_net(3, 8, (3,))
     return ResidualAlignerNetwork(3, args.preset)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 import time
 from pathlib import Path
 
@@ -34,13 +35,16 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import LocalNet
+
+# the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ran_bundle.engines import registration_train_step
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 from ran_bundle.networks.blocks import warp
 from ran_bundle.synthetic import bspline_field
 from ran_bundle.transforms import CT_WINDOW
+from scripts.peers import local_net
 
 REPO = Path(__file__).resolve().parents[1]
 CT = REPO / "data" / "tiny_ct" / "images" / "subject_00.nii.gz"
@@ -77,7 +81,7 @@ def make_network(name: str) -> torch.nn.Module:
         config = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in overrides)}
         return ResidualAlignerNetwork(spatial_dims=2, preset=preset, **config)
     if name == "localnet":
-        return LocalNet(spatial_dims=2, in_channels=2, out_channels=2, num_channel_initial=16, extract_levels=(3,))
+        return local_net(2, 16, (3,))
     raise ValueError(f"unknown network {name!r}; choose a RAN preset {sorted(PRESETS)} or 'localnet'")
 
 

@@ -103,7 +103,8 @@ def test_brain_atlas_beats_the_affine_stage(brain_pair: dict[str, Path]) -> None
         atlas_label=str(brain_pair["atlas_label"]),
         **FAST,
     )
-    assert parser["intensity"] == "mr" and parser["affine_stage"] == "affine"  # the brain weights' defaults
+    pipeline = parser.get_parsed_content("pipeline")
+    assert (pipeline.intensity, pipeline.affine_stage) == ("mr", "affine")  # the brain weights' defaults
     pred = check_label_map(data, brain_pair["target_image"], brain_pair["atlas_label"])
     ref = np.asarray(nib.load(brain_pair["target_label"]).dataobj).round().astype(int)
     d_prop, d_affine = mean_dice(pred, ref), mean_dice(affine_only, ref)

@@ -45,6 +45,22 @@ def test_recipe_records_its_settings():
     assert get("pretrained_ckpt").endswith("models/model.pt")
 
 
+def test_the_voxelmorph_peer_config_builds_the_network_of_its_shipped_weights():
+    """scripts/brain_voxelmorph.json over the brain recipe builds scripts.peers.VoxelMorphDDF, and the shipped peer
+    weights (what scripts/compare_brain.py loads) fit it strictly."""
+    from ran_bundle.checks import check_state_dict_fits, read_state_dict
+    from scripts.peers import VoxelMorphDDF
+
+    parser = ConfigParser()
+    files = ("configs/train.json", "configs/brain_mindboggle.json", "scripts/brain_voxelmorph.json")
+    parser.read_config([str(REPO / f) for f in files])
+    parser["bundle_root"] = str(REPO)
+    network = parser.get_parsed_content("network_def")
+    assert isinstance(network, VoxelMorphDDF) and parser.get_parsed_content("pretrained_ckpt") is None
+    weights = REPO / "models" / "peers" / "voxelmorph_brain.pt"
+    check_state_dict_fits(read_state_dict(weights), network, str(weights))
+
+
 def test_distillation_recipe_records_its_settings():
     """configs/brain_distill.json over the brain recipe: teacher fields cropped with the images, the end-point error
     in the loss, the teacher passed by the training step, and the CPU settings it was trained with."""

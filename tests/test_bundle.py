@@ -222,10 +222,16 @@ def test_inference_outputs(inferred):
 
 
 def test_inference_warns_when_the_setup_differs_from_the_weights(inferred):
-    """The tiny run above scales CT at 3 mm with brain-MR-trained settings recorded in inference.json: every
-    report says so."""
-    report = json.loads(next(inferred.glob("*/report.json")).read_text())
-    assert any("intensity" in w or "spacing" in w for w in report["warnings"]), report["warnings"]
+    """The tiny run above scales CT at 3 mm with brain-MR-trained settings recorded in inference.json (``mr`` at
+    2 mm): every report says both."""
+    reports = sorted(inferred.glob("*/report.json"))
+    assert reports
+    for path in reports:
+        warnings = json.loads(path.read_text())["warnings"]
+        assert any(w.startswith("intensity 'ct' differs from the 'mr' the weights") for w in warnings), warnings
+        assert any(w.startswith("network grid spacing [3.0, 3.0, 3.0] mm differs from the 2.0 mm") for w in warnings), (
+            warnings
+        )
 
 
 def test_inference_labels_agree_with_simpleitk(inferred):
@@ -508,6 +514,23 @@ def test_lung_window_keeps_the_parenchyma_inside_the_similarity_mask(tmp_path):
     abdomen = parsed_config(TRAIN, "configs/lung_ct.json", ct_window=[-100, 300], spatial_size=None)
     image = abdomen.get_parsed_content("validate#preprocessing")(pair)["fixed_image"][0].numpy()
     assert image[10, 16, 16] == image[20, 16, 16] == 0.0  # why not the abdomen window
+
+
+@pytest.mark.parametrize("config", [INFERENCE, "configs/atlas_inference.json"])
+def test_the_lung_window_reaches_the_registration_pipeline(config):
+    """lung_ct.json's advice for registering with a lung model: ``--intensity ct --ct_window [-1000,300]`` on
+    the inference configs sets the pipeline's window; without overrides the configs build the pipeline that
+    ``RegistrationPipeline()`` is (one set of defaults, the abdomen window among them)."""
+    from ran_bundle.defaults import CT_WINDOW
+    from ran_bundle.pipeline import RegistrationPipeline
+
+    default = parsed_config(config).get_parsed_content("pipeline")
+    own = RegistrationPipeline(network=default.network)
+    settings = ("spacing", "intensity", "ct_window", "affine_stage", "io_iterations", "io_weight", "io_fold_weight")
+    assert {k: getattr(default, k) for k in settings} == {k: getattr(own, k) for k in settings}
+    assert default.ct_window == CT_WINDOW
+    lung = parsed_config(config, intensity="ct", ct_window=[-1000, 300]).get_parsed_content("pipeline")
+    assert (lung.intensity, lung.ct_window) == ("ct", (-1000.0, 300.0))
 
 
 def test_train_step_raises_on_non_finite_loss():

@@ -26,11 +26,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ran_bundle.cli import main, register_main, register_parser
+from ran_bundle.cli import main, pipeline_options, register_main, register_parser
 from ran_bundle.fields import write_image_atomic
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.outputs import OutputFolder
-from ran_bundle.pipeline import DEFAULT_WEIGHTS
+from ran_bundle.pipeline import DEFAULT_WEIGHTS, RegistrationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ("--io-iterations", "2", "2", "--device", "cpu")
@@ -167,6 +167,8 @@ BAD_ARGUMENTS = {
     "unknown device": (["--device", "tpu"], ["--device 'tpu'"]),
     "unknown preset": (["--preset", "RAn9"], ["--preset 'RAn9'"]),
     "unknown intensity": (["--intensity", "pet"], ["argument --intensity: invalid choice: 'pet'"]),
+    "one ct window value": (["--ct-window", "-1000"], ["argument --ct-window: expected 2 arguments"]),
+    "reversed ct window": (["--ct-window", "300", "-1000"], ["--ct-window (300.0, -1000.0)", "LOW < HIGH"]),
 }
 
 
@@ -440,8 +442,27 @@ def test_small_images_are_warned_about(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# help
+# defaults and help
 # ------------------------------------------------------------------------------------------------
+
+#: the settings a pipeline keeps from its arguments
+SETTINGS = (
+    "preset", "spacing", "intensity", "ct_window", "affine_stage", "io_iterations", "io_weight", "io_fold_weight",
+    "finetune_steps", "finetune_lr", "inverse", "progress",
+)  # fmt: skip
+
+
+def test_the_options_default_to_the_pipelines_own_defaults():
+    """ran-register (and the Deploy app, whose options are add_pipeline_options) without options builds the
+    pipeline that RegistrationPipeline builds without arguments: one set of defaults."""
+    args = register_parser().parse_args(["--fixed", "f", "--moving", "m", "--out", "o"])
+    network = ResidualAlignerNetwork(3, "ref")
+    own = RegistrationPipeline(network=network)
+    cli = RegistrationPipeline(
+        network=network, preset=args.preset, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        **pipeline_options(args),
+    )  # fmt: skip
+    assert {k: getattr(cli, k) for k in SETTINGS} == {k: getattr(own, k) for k in SETTINGS}
 
 
 def test_help_states_the_conventions(capsys):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,7 +20,9 @@ import torch
 
 from ran_bundle import outputs
 from ran_bundle.checks import InputError
-from ran_bundle.outputs import KNOWN_OUTPUTS, OutputFolder, write_json
+from ran_bundle.networks import ResidualAlignerNetwork
+from ran_bundle.outputs import COMPLETE_MARKER, KNOWN_OUTPUTS, OutputFolder, write_json
+from ran_bundle.pipeline import RegistrationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,16 +57,13 @@ def sleeper():
 
 
 def test_known_outputs_are_what_ran_register_writes():
-    assert set(KNOWN_OUTPUTS) == {
-        "warped.nii.gz",
-        "warped_label.nii.gz",
-        "ddf.nii.gz",
-        "affine.tfm",
-        "jacobian.nii.gz",
-        "inverse_ddf.nii.gz",
-        "overview.png",
-        "report.json",
-    }
+    """The folder knows every name the pipeline can write (:meth:`RegistrationPipeline.files` with a moving
+    label, the inverse and the PNG), no other, and marks completion with the pipeline's report, written last."""
+    pipeline = RegistrationPipeline(network=ResidualAlignerNetwork(3, "ref"), device="cpu")
+    everything = pipeline.files(SimpleNamespace(warped_label=torch.zeros(1), inverse_field=torch.zeros(1)), png=True)
+    least = pipeline.files(SimpleNamespace(warped_label=None, inverse_field=None))
+    assert set(KNOWN_OUTPUTS) == set(everything.values()) and set(least.values()) < set(everything.values())
+    assert list(least.values())[-1] == list(everything.values())[-1] == everything["report"] == COMPLETE_MARKER
 
 
 def test_rerun_leaves_exactly_this_runs_outputs(tmp_path):

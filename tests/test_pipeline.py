@@ -164,10 +164,17 @@ def test_load_network_errors(tmp_path: Path):
     torch.save({"model": ResidualAlignerNetwork(3, "RAn4").state_dict()}, other)
     with pytest.raises(InputError, match="do not fit the RAN preset 'ref'"):
         load_network(other, "ref")
-    plain = tmp_path / "plain.pt"
-    torch.save(ResidualAlignerNetwork(3, "RAn4").state_dict(), plain)  # a bare state dict is accepted
-    net = load_network(plain, "RAn4")
-    assert isinstance(net, ResidualAlignerNetwork) and not net.training
+    torch.manual_seed(0)
+    saved = ResidualAlignerNetwork(3, "RAn4").state_dict()
+    plain, ddp = tmp_path / "plain.pt", tmp_path / "ddp.pt"
+    torch.save(saved, plain)  # a bare state dict is accepted
+    torch.save({"model": {f"module.{k}": v for k, v in saved.items()}}, ddp)  # a DDP run's checkpoint too
+    for path in (plain, ddp):
+        torch.manual_seed(1)  # other initial weights: only the file's values can make them equal
+        net = load_network(path, "RAn4")
+        assert isinstance(net, ResidualAlignerNetwork) and not net.training
+        loaded = net.state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], v) for k, v in saved.items()), path
     with pytest.raises(InputError, match="unknown"):
         load_network(plain, "RAn9")
     with pytest.raises(InputError, match="file not found"):
@@ -179,6 +186,9 @@ def test_load_network_errors(tmp_path: Path):
     [
         ({"spacing": 0}, "--spacing"),
         ({"intensity": "pet"}, "--intensity"),
+        ({"ct_window": (300, -1000)}, "--ct-window"),
+        ({"ct_window": (-1000,)}, "--ct-window"),
+        ({"ct_window": "lung"}, "--ct-window"),
         ({"affine": "shear"}, "--affine"),
         ({"io_iterations": (-1, 5)}, "--io-iterations"),
         ({"io_iterations": (1, 2, 3)}, "--io-iterations"),
@@ -196,6 +206,51 @@ def test_pipeline_refuses_bad_arguments_before_loading_weights(kwargs, flag, mon
     monkeypatch.setattr("ran_bundle.pipeline.load_network", no_weights)
     with pytest.raises(InputError, match=flag):
         RegistrationPipeline(**kwargs)
+
+
+def chest_ct(shift_mm: float, shape=(32, 32, 32), spacing=2.0) -> tuple[np.ndarray, np.ndarray]:
+    """A chest-like CT in HU and its lung mask: air, a soft-tissue body (40 HU), two lungs of parenchyma
+    (-850 HU) with vessel-like texture up to -150 HU, shifted by ``shift_mm`` along the second axis. Two of them
+    differ in the lungs only, all in -1000..-150 HU."""
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")).astype(np.float64) * spacing
+    centre = (np.asarray(shape) - 1) * spacing / 2
+
+    def ellipsoid(offset, radii):
+        return sum(((idx[i] - centre[i] - offset[i]) / r) ** 2 for i, r in enumerate(radii)) < 1
+
+    hu = np.full(shape, -1000.0)
+    hu[ellipsoid((0, 0, 0), (26, 24, 26))] = 40.0
+    lungs = ellipsoid((-11, 0, 0), (8, 15, 19)) | ellipsoid((11, 0, 0), (8, 15, 19))
+    vessels = gaussian_filter(np.random.default_rng(0).standard_normal(shape), 2.0)
+    vessels = np.clip(np.roll(vessels, round(shift_mm / spacing), axis=1) / vessels.std(), 0, None)
+    hu[lungs] = np.clip(-850.0 + 250.0 * vessels, -1000.0, -150.0)[lungs]
+    return hu.astype(np.float32), lungs
+
+
+def test_the_ct_window_decides_whether_the_lungs_are_registered(tmp_path: Path, one_thread):
+    """A chest CT pair that differs inside the lungs only (-1000..-150 HU): through the abdomen window
+    [-100, 300] the network sees two identical images (the parenchyma is all 0) and the lungs stay where they
+    were; through the lung window [-1000, 300] the registration aligns them."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -31.0
+    fixed, lungs = chest_ct(0.0)
+    moving, _ = chest_ct(4.0)
+    assert np.array_equal(fixed[~lungs], moving[~lungs]) and max(fixed[lungs].max(), moving[lungs].max()) < -100
+    paths = [write_image_atomic(image, affine, tmp_path / f"{name}.nii.gz") for name, image in
+             (("fixed", fixed), ("moving", moving))]  # fmt: skip
+    before = np.abs(moving - fixed)[lungs].mean()
+    network, error = None, {}
+    for name, window in (("abdomen", (-100, 300)), ("lung", (-1000, 300))):
+        pipeline = RegistrationPipeline(
+            network=network, device="cpu", intensity="ct", ct_window=window, affine="none", io_iterations=(10, 20),
+            progress=False,
+        )  # fmt: skip
+        network = pipeline.network
+        result = pipeline.register(*paths)
+        assert torch.equal(result.pair.moving, result.pair.fixed) == (name == "abdomen")
+        error[name] = np.abs(result.warped.numpy() - fixed)[lungs].mean()
+    assert error["abdomen"] > 0.9 * before  # flat lungs: nothing to align them by
+    assert error["lung"] < 0.7 * before, (before, error)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from ran_bundle.checks import InputError
 from ran_bundle.engines import SyntheticTrainStep, prepare_batch
 from ran_bundle.losses import SyntheticFieldLoss
 from ran_bundle.networks import ResidualAlignerNetwork
@@ -206,15 +207,30 @@ def test_field_statistics_and_end_point_error_units():
     assert float(metric.aggregate()) == pytest.approx(5.0)
 
 
-def test_load_pretrained_is_strict_and_named(tmp_path):
+def test_load_pretrained_reads_weights_as_every_weight_file_is_read(tmp_path):
+    """The checkpoint's values land in the network, from a bundle checkpoint and from a DDP run's state dict
+    (``module.`` prefix); every fault is one line of :class:`InputError` naming the file."""
+    torch.manual_seed(0)
     net = ResidualAlignerNetwork(3, "ref")
     torch.save({"model": net.state_dict(), "optimizer": {}}, tmp_path / "ckpt.pt")
-    other = load_pretrained(ResidualAlignerNetwork(3, "ref"), str(tmp_path / "ckpt.pt"))
-    for a, b in zip(net.state_dict().values(), other.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-    with pytest.raises(FileNotFoundError, match="pretrain"):
-        load_pretrained(net, str(tmp_path / "missing.pt"))
-    with pytest.raises(RuntimeError):
+    torch.save({f"module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "ddp.pt")
+    for name in ("ckpt.pt", "ddp.pt"):
+        torch.manual_seed(1)
+        other = load_pretrained(ResidualAlignerNetwork(3, "ref"), str(tmp_path / name))
+        assert other.state_dict().keys() == net.state_dict().keys()
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in net.state_dict().items()), name
+    torch.save({"network": net.state_dict(), "optimizer": {}}, tmp_path / "other_key.pt")
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    faults = {
+        "missing.pt": "missing.pt: file not found; run the pretraining first",
+        "other_key.pt": "not a state dict .* 'model' entry",
+        "junk.pt": "cannot read it as a PyTorch checkpoint",
+    }
+    for name, message in faults.items():
+        with pytest.raises(InputError, match=message) as error:
+            load_pretrained(net, str(tmp_path / name))
+        assert "\n" not in str(error.value) and name in str(error.value)
+    with pytest.raises(InputError, match="weights .*ckpt.pt do not fit the network"):
         load_pretrained(ResidualAlignerNetwork(3, "RAn0"), str(tmp_path / "ckpt.pt"))
     assert load_pretrained(net, None) is net
 

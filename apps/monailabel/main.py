@@ -13,10 +13,10 @@ Options (``--conf KEY VALUE`` of ``monailabel start_server``):
 - ``bundle``: the bundle root (default: the repository root, two folders above this file);
 - ``preload``: ``true`` to build the network on every device at start-up (default ``false``);
 - the keys of ``configs/atlas_inference.json`` in :data:`CONFIG_KEYS` (``atlas_image``, ``atlas_label``,
-  ``atlas_label_names`` as file paths; ``intensity``, ``spacing``, ``affine_stage``, ``io_iterations``,
-  ``io_weight``, ``io_fold_weight``, ``similarity``, ``io_start`` as JSON or text; ``moving_mask``, a mask of the
-  atlas on its grid, and ``fixed_mask``, for studies that share one grid, as file paths), to serve another atlas
-  or other settings.
+  ``atlas_label_names`` as file paths; ``intensity``, ``ct_window``, ``spacing``, ``affine_stage``,
+  ``io_iterations``, ``io_weight``, ``io_fold_weight``, ``similarity``, ``io_start`` as JSON or text;
+  ``moving_mask``, a mask of the atlas on its grid, and ``fixed_mask``, for studies that share one grid, as file
+  paths), to serve another atlas or other settings.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ CONFIG_KEYS = (
     "atlas_label",
     "atlas_label_names",
     "intensity",
+    "ct_window",
     "spacing",
     "affine_stage",
     "io_iterations",
