@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 __all__ = [

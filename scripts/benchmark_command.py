@@ -63,7 +63,12 @@ ants.image_write(reg["warpedmovout"], out + "/warped.nii.gz")
 ants.image_write(warped_label, out + "/warped_label.nii.gz")
 """
 #: thread settings of the calling shell that would override the children's own defaults
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> None:
             row["pair"] = name
             rows.append(row)
             print(
-                f"[{i + 1}/{len(pairs)}] {name}: ran-register {row['ran_s']:.1f} s, ANTs {_cell(row['ants_s'], '.1f')}"
-                f" s, ratio {_cell(row['ratio'], '.2f')}; Dice {row['ran_dice']:.3f} vs {_cell(row['ants_dice'], '.3f')}",
+                f"[{i + 1}/{len(pairs)}] {name}: ran-register {row['ran_s']:.1f} s, ANTs "
+                f"{_cell(row['ants_s'], '.1f')} s, ratio {_cell(row['ratio'], '.2f')}; Dice {row['ran_dice']:.3f} vs "
+                f"{_cell(row['ants_dice'], '.3f')}",
                 flush=True,
             )
     print(write_table(rows, args, cpus, load))
