@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from ran_bundle.defaults import PIPELINE_DEFAULTS
 
 __all__ = [
     "LONGITUDINAL",
+    "available_cpus",
+    "default_threads",
+    "set_threads",
     "add_pipeline_options",
     "pipeline_options",
     "register_parser",
@@ -59,6 +65,65 @@ def _setup_logging(name: str, quiet: bool) -> None:
 def _fail(name: str, message: str, status: int = 2) -> NoReturn:
     print(f"{name}: error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(status)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs of this process's cgroup CPU quota (v2 ``cpu.max`` along its cgroup path, or v1 ``cpu.cfs_quota_us``);
+    ``None`` without a quota."""
+    quotas = []
+    root = Path("/sys/fs/cgroup")
+    try:
+        entries = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for entry in entries:
+        _, controllers, path = entry.split(":", 2)
+        if controllers == "":  # v2: the limit of any ancestor applies
+            folder = root / path.lstrip("/")
+            for candidate in (folder, *folder.parents):
+                if candidate == root.parent:
+                    break
+                try:
+                    quota, period = (candidate / "cpu.max").read_text().split()
+                except (OSError, ValueError):
+                    continue
+                if quota != "max":
+                    quotas.append(int(quota) / int(period))
+        elif "cpu" in controllers.split(","):  # v1
+            folder = root / "cpu" / path.lstrip("/")
+            try:
+                quota = int((folder / "cpu.cfs_quota_us").read_text())
+                period = int((folder / "cpu.cfs_period_us").read_text())
+            except (OSError, ValueError):
+                continue
+            if quota > 0:
+                quotas.append(quota / period)
+    return min(quotas) if quotas else None
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity (``os.sched_getaffinity``), capped by its cgroup's CPU quota
+    (rounded down, at least 1); not the machine's count, which over-subscribes a pinned or limited process."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(count, math.floor(quota))) if quota else count
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when it is set to a positive integer (the user's choice), else :func:`available_cpus`."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else available_cpus()
+
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads everywhere a registration computes: PyTorch (network, instance optimisation,
+    warping), SimpleITK (affine stage, resampling) and the writer (:meth:`RegistrationPipeline.write` writes its
+    files on ``torch.get_num_threads()`` threads)."""
+    import SimpleITK as sitk
+    import torch
+
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def _words(values: Sequence[float]) -> str:
@@ -197,7 +262,12 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
     p.add_argument("--preset", default=PIPELINE_DEFAULTS.preset, help="RAN preset of the weights (default %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision for the network")
-    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's, all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of PyTorch, SimpleITK and the writer (default: OMP_NUM_THREADS if set, else the CPUs "
+        "this process may use: its affinity and cgroup quota)",
+    )
     p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
     return p
@@ -228,16 +298,13 @@ def warp_parser() -> argparse.ArgumentParser:
 
 
 def _register(args: argparse.Namespace) -> None:
-    import torch
-
     from ran_bundle.checks import InputError
     from ran_bundle.outputs import OutputFolder, write_json
     from ran_bundle.pipeline import RegistrationPipeline
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads {args.threads}: expected a positive integer.")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: expected a positive integer.")
+    set_threads(args.threads or default_threads())
     if args.png:
         from ran_bundle.figures import require_matplotlib
 

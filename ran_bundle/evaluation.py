@@ -213,8 +213,8 @@ def affine_and_registered_dice(
     after the whole registration (``warped_label`` on the fixed grid), with the means over all labels and over the
     labels of at least 100 voxels; nearest-neighbour label warps on the fixed grid."""
     reference = np.rint(fixed_label.array).astype(np.int64)
-    points = voxel_to_world(voxel_grid(fixed_label.array.shape, torch.float32), fixed_label.affine)
-    coords = world_to_voxel(apply_matrix(matrix, points), moving_label.affine)
+    fixed_to_moving = np.linalg.inv(moving_label.affine) @ matrix @ fixed_label.affine  # voxel indices, one map
+    coords = apply_matrix(fixed_to_moving, voxel_grid(fixed_label.array.shape, torch.float32))
     affine_only = sample_voxels(label_tensor(moving_label), coords, "nearest")[0, 0]
     values, counts = np.unique(reference, return_counts=True)
     labels = [int(v) for v in values if v != 0]
@@ -259,7 +259,7 @@ def registration_quality(
     folded = int(((jacobian <= 0) & mask).sum())
     inside = int(mask.sum())
     extent = np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)
-    norm = field_mm[0].norm(dim=0)
+    norm = field_mm[0].square().sum(0).sqrt()  # elementwise: norm(dim=0) reduces across strides, 10x slower
     stats: dict[str, Any] = {
         "folding_region": "fixed image foreground (ran_bundle.spatial.foreground_mask)",
         "non_positive_jacobian_count": folded,

@@ -32,7 +32,9 @@ Convention (used by the network, the losses, the metrics and every reader and wr
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -180,13 +182,12 @@ def to_itk_displacement(
     if ddf_voxel.shape[0] != 1:
         raise ValueError(f"to_itk_displacement takes one field (batch size 1), got shape {tuple(ddf_voxel.shape)}.")
     a = as_affine(affine, d)
-    mm_ras = _to_numpy(ddf_voxel_to_mm(ddf_voxel, a, moving_affine))[0].astype(np.float64)  # (d, *spatial)
+    mm_ras = _to_numpy(ddf_voxel_to_mm(ddf_voxel, a, moving_affine))[0]  # (d, *spatial)
     flip = RAS_TO_LPS[:d, :d]
-    vec_lps = np.einsum("ij,j...->i...", flip, mm_ras)
-    # SimpleITK's array view is (z, y, x[, comp]) = reversed ITK index order.
-    arr = np.moveaxis(vec_lps, 0, -1)  # (*spatial, d)
-    arr = np.transpose(arr, tuple(range(d - 1, -1, -1)) + (d,))
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.astype(dtype)), isVector=True)
+    # SimpleITK's array view is (z, y, x[, comp]) = reversed ITK index order: one copy into (*reversed, d)
+    arr = np.ascontiguousarray(np.transpose(mm_ras, tuple(range(d, 0, -1)) + (0,)), dtype=dtype)
+    arr *= np.diag(flip).astype(dtype)  # RAS -> LPS (negate x and y: exact)
+    img = sitk.GetImageFromArray(arr, isVector=True)
     lin_lps = flip @ a[:d, :d]
     spacing = np.linalg.norm(lin_lps, axis=0)
     direction = lin_lps / spacing
@@ -226,6 +227,26 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], object]) -> 
     return path
 
 
+#: gzip level of displacement fields: stored (0). A float vector field compresses by 14% at level 1 (a 1 mm brain's
+#: 126 MB field to 108 MB) for 5 s of one core, while a stored ``.nii.gz`` costs 0.3 s and every NIfTI reader
+#: (ITK, ANTs, nibabel, FSL) reads it; SimpleITK's own NIfTI writer ignores the level it is given.
+FIELD_GZIP_LEVEL = 0
+
+
+def _write_gzip_level(img, path: str, level: int) -> None:
+    """Write a SimpleITK image as ``.nii`` next to ``path`` (a ``.nii.gz``), then gzip it at ``level`` into
+    ``path``: the same header and data as ``sitk.WriteImage(img, path, True)``."""
+    import SimpleITK as sitk
+
+    raw = path[: -len(".gz")]
+    sitk.WriteImage(img, raw, False)
+    try:
+        with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=level) as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+    finally:
+        os.remove(raw)
+
+
 def write_displacement_nifti(
     ddf_voxel: ArrayLike,
     affine: ArrayLike | Sequence,
@@ -256,9 +277,9 @@ def write_displacement_nifti(
     if not str(path).endswith((".nii", ".nii.gz")):
         raise ValueError(f"displacement field path must end with .nii or .nii.gz: {path}")
     img = to_itk_displacement(ddf_voxel, affine, moving_affine=moving_affine, dtype=dtype)
-    return atomic_write(
-        path, lambda tmp: sitk.WriteImage(img, tmp, str(path).endswith(".gz"), 1)
-    )  # gzip level 1: fields compress poorly
+    if str(path).endswith(".gz"):
+        return atomic_write(path, lambda tmp: _write_gzip_level(img, tmp, FIELD_GZIP_LEVEL))
+    return atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, False))
 
 
 def write_image_atomic(

@@ -132,9 +132,10 @@ def jacobian_determinant_differentiable(ddf: torch.Tensor, spacing: Sequence[flo
     # jac[i][j] = delta_ij + d(u_i mm) / d(x_j mm)
     jac = [[None] * d for _ in range(d)]
     for i in range(d):
-        grads = torch.gradient(u[:, i] * sp[i], spacing=sp, dim=list(range(1, d + 1)), edge_order=1)
+        component = u[:, i] if sp[i] == 1.0 else u[:, i] * sp[i]
+        grads = torch.gradient(component, spacing=sp, dim=list(range(1, d + 1)), edge_order=1)
         for j in range(d):
-            jac[i][j] = grads[j] + (1.0 if i == j else 0.0)
+            jac[i][j] = grads[j] + 1.0 if i == j else grads[j]  # no full-size copies for the zeros
     if d == 2:
         return jac[0][0] * jac[1][1] - jac[0][1] * jac[1][0]
     return (

@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,23 +568,37 @@ class RegistrationPipeline:
         inputs = registration.inputs
         fixed, moving = inputs.fixed, inputs.moving
         with self._step("write", f"writing {len(names)} files"):
-            write_image_atomic(registration.warped.numpy(), fixed.affine, folder / names["warped"], "float32")
-            write_displacement_nifti(
-                field_to_voxel_ddf(registration.field, fixed.affine), fixed.affine, folder / names["ddf"]
-            )
-            write_transform(registration.affine.matrix, folder / names["affine"])
-            write_image_atomic(registration.jacobian.numpy(), fixed.affine, folder / names["jacobian"], "float32")
+            jobs = [  # the largest first, each on one of torch.get_num_threads() threads
+                lambda: write_displacement_nifti(
+                    field_to_voxel_ddf(registration.field, fixed.affine), fixed.affine, folder / names["ddf"]
+                ),
+                lambda: write_image_atomic(
+                    registration.jacobian.numpy(), fixed.affine, folder / names["jacobian"], "float32"
+                ),
+                lambda: write_image_atomic(
+                    registration.warped.numpy(), fixed.affine, folder / names["warped"], "float32"
+                ),
+                lambda: write_transform(registration.affine.matrix, folder / names["affine"]),
+            ]
             if registration.warped_label is not None:
                 dtype = inputs.moving_label.array.dtype  # type: ignore[union-attr]
                 dtype = dtype if dtype.kind in "iu" else np.int32
-                write_image_atomic(
-                    registration.warped_label.numpy(), fixed.affine, folder / names["warped_label"], dtype
+                jobs.append(
+                    lambda: write_image_atomic(
+                        registration.warped_label.numpy(), fixed.affine, folder / names["warped_label"], dtype
+                    )
                 )
             if registration.inverse_field is not None:
-                write_displacement_nifti(
-                    field_to_voxel_ddf(registration.inverse_field, moving.affine), moving.affine,
-                    folder / names["inverse_ddf"],
+                jobs.insert(
+                    1,
+                    lambda: write_displacement_nifti(
+                        field_to_voxel_ddf(registration.inverse_field, moving.affine), moving.affine,
+                        folder / names["inverse_ddf"],
+                    ),
                 )  # fmt: skip
+            with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+                for done in [pool.submit(job) for job in jobs]:
+                    done.result()  # a failed write raises here (the staging folder is then discarded)
             if png:
                 from ran_bundle.figures import overview_png
 

@@ -108,8 +108,8 @@ def resample_field(
         ``(1, 3, *shape)`` float32: ``v`` at the target voxel centres.
     """
     field = field[None] if field.ndim == 4 else field
-    points = voxel_to_world(voxel_grid(shape), target_affine)
-    coords = world_to_voxel(points, affine)
+    target_to_source = np.linalg.inv(as_affine(affine)) @ as_affine(target_affine)  # one map of voxel indices
+    coords = apply_matrix(target_to_source, voxel_grid(shape))
     return sample_voxels(field.float(), coords, mode="bilinear", padding_mode="border")
 
 
@@ -156,8 +156,9 @@ def field_to_voxel_ddf(field: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
         ``(1, 3, *S)`` float32.
     """
     field = field[None] if field.ndim == 4 else field
-    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)[:3, :3]), dtype=torch.float64)
-    return torch.einsum("ij,bj...->bi...", inv, field.to(torch.float64)).float()
+    field = field if field.dtype in (torch.float32, torch.float64) else field.float()
+    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)[:3, :3]), dtype=field.dtype)
+    return torch.einsum("ij,bj...->bi...", inv, field).float()  # in the field's precision: float32 on a 1 mm grid
 
 
 def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
