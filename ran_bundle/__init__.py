@@ -1,3 +1,3 @@
 """Residual Aligner Network (RAN) for unsupervised deformable registration, as MONAI blocks and a bundle."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -559,7 +559,7 @@ def summary_lines(rows: Sequence[Mapping[str, Any]], seconds: float, summary: st
 
 def batch_parser() -> argparse.ArgumentParser:
     """The ``ran-register-batch`` argument parser (the registration options are ``ran-register``'s)."""
-    from ran_bundle.cli import _Parser, add_pipeline_options
+    from ran_bundle.cli import _Parser, add_pipeline_options, add_run_options
 
     p = _Parser(
         prog="ran-register-batch",
@@ -578,12 +578,7 @@ def batch_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", help="atlas mode: text file, one subject image (fixed) a line")
     p.add_argument("--out", required=True, help="output folder of the batch")
     add_pipeline_options(p)
-    p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
-    p.add_argument("--preset", default="ref", help="RAN preset of the weights (default ref)")
-    p.add_argument("--amp", action="store_true", help="mixed precision for the network")
-    p.add_argument("--threads", type=int, help="CPU threads a process (default: its cores / processes per machine)")
-    p.add_argument("--png", action="store_true", help="also write each pair's overview.png (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, only warnings and errors on stderr")
+    add_run_options(p, threads_help="CPU threads a process (default: its cores / processes per machine)")
     return p
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "default_threads",
     "set_threads",
     "add_pipeline_options",
+    "add_run_options",
     "pipeline_options",
     "register_parser",
     "warp_parser",
@@ -259,18 +260,23 @@ def register_parser() -> argparse.ArgumentParser:
         help="fine-tune a copy of the network first (GPU option)",
     )
     p.add_argument("--finetune-lr", type=float, default=PIPELINE_DEFAULTS.finetune_lr, help="its Adam learning rate")
+    add_run_options(
+        p,
+        threads_help="CPU threads of PyTorch, SimpleITK and the writer (default: OMP_NUM_THREADS if set, else the "
+        "CPUs this process may use: its affinity and cgroup quota)",
+    )
+    return p
+
+
+def add_run_options(p: argparse.ArgumentParser, threads_help: str) -> None:
+    """The weights and run options of ``ran-register`` and ``ran-register-batch``: ``--weights``, ``--preset``,
+    ``--amp``, ``--threads`` (``threads_help`` says how each command chooses it), ``--png``, ``--quiet``."""
     p.add_argument("--weights", help="network checkpoint (default: the bundle's models/model.pt, brain MR)")
     p.add_argument("--preset", default=PIPELINE_DEFAULTS.preset, help="RAN preset of the weights (default %(default)s)")
     p.add_argument("--amp", action="store_true", help="mixed precision for the network")
-    p.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads of PyTorch, SimpleITK and the writer (default: OMP_NUM_THREADS if set, else the CPUs "
-        "this process may use: its affinity and cgroup quota)",
-    )
+    p.add_argument("--threads", type=int, help=threads_help)
     p.add_argument("--png", action="store_true", help="also write overview.png (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr")
-    return p
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors on stderr (and no progress bar)")
 
 
 def warp_parser() -> argparse.ArgumentParser:

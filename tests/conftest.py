@@ -96,3 +96,23 @@ def _resample_isotropic(src: Path, dst: Path, spacing: float, label: bool) -> Pa
 def resample_isotropic() -> Callable[[Path, Path, float, bool], Path]:
     """``resample_isotropic(src, dst, spacing, label)``: a real scan made small for front-end tests."""
     return _resample_isotropic
+
+
+@pytest.fixture(scope="session")
+def mindboggle_3mm(shared_data: Path, tmp_path_factory) -> dict[str, Path]:
+    """Mindboggle test subjects 14 (moving) and 13 (fixed), images and labels, made 3 mm (``fixed_image``,
+    ``fixed_label``, ``moving_image``, ``moving_label``, and ``root``, their folder): a real pair small enough for
+    a registration test on one core. Skips without the subjects or the shipped weights."""
+    src = shared_data / "mindboggle_oasis_trt20"
+    if not (src / "oasis_trt_13" / "image.nii.gz").is_file():
+        pytest.skip(f"Mindboggle subjects not found under {src}")
+    weights = REPO_ROOT / "models" / "model.pt"
+    if not weights.is_file():
+        pytest.skip(f"shipped weights not found at {weights}")
+    root = tmp_path_factory.mktemp("mindboggle3mm")
+    out: dict[str, Path] = {"root": root}
+    for role, subject in (("fixed", "13"), ("moving", "14")):
+        for kind, label in (("image", False), ("label", True)):
+            src_file = src / f"oasis_trt_{subject}" / f"{kind}.nii.gz"
+            out[f"{role}_{kind}"] = _resample_isotropic(src_file, root / f"{role}_{kind}.nii.gz", 3.0, label)
+    return out

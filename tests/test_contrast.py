@@ -17,7 +17,7 @@ import torch
 
 from ran_bundle.fields import write_image_atomic
 from ran_bundle.metrics import dice_per_label
-from ran_bundle.pipeline import DEFAULT_WEIGHTS, IO_START, IO_WEIGHT, RegistrationPipeline
+from ran_bundle.pipeline import IO_START, IO_WEIGHT, RegistrationPipeline
 from ran_bundle.spatial import foreground_mask
 from ran_bundle.synthetic import synthetic_contrast
 
@@ -63,19 +63,10 @@ def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_start_and_wei
 
 
 @pytest.fixture(scope="module")
-def pair(shared_data: Path, tmp_path_factory, resample_isotropic) -> dict[str, Path]:
+def pair(mindboggle_3mm: dict[str, Path]) -> dict[str, Path]:
     """Subject 14 in a synthetic contrast (moving) and subject 13's T1 (fixed), with labels, at 3 mm."""
-    src = shared_data / "mindboggle_oasis_trt20"
-    if not (src / "oasis_trt_13" / "image.nii.gz").is_file():
-        pytest.skip(f"Mindboggle subjects not found under {src}")
-    if not DEFAULT_WEIGHTS.is_file():
-        pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
-    root = tmp_path_factory.mktemp("contrast")
-    out = {}
-    for role, subject in (("fixed", "13"), ("moving", "14")):
-        for kind, label in (("image", False), ("label", True)):
-            src_file = src / f"oasis_trt_{subject}" / f"{kind}.nii.gz"
-            out[f"{role}_{kind}"] = resample_isotropic(src_file, root / f"{role}_{kind}.nii.gz", SPACING, label)
+    out = dict(mindboggle_3mm)
+    root = out["root"]
     img = nib.load(str(out["moving_image"]))
     t1 = np.asarray(img.dataobj, np.float32)
     label = np.asarray(nib.load(str(out["moving_label"])).dataobj)

@@ -32,7 +32,7 @@ from ran_bundle.cli import register_main
 from ran_bundle.fields import write_image_atomic
 from ran_bundle.metrics import dice_per_label
 from ran_bundle.optimise import optimise_field
-from ran_bundle.pipeline import DEFAULT_WEIGHTS, RegistrationPipeline
+from ran_bundle.pipeline import RegistrationPipeline
 from ran_bundle.spatial import foreground_mask
 
 SPACING = 3.0  # mm: images and network grid (the shipped weights' 2 mm is slower by 3.4x on one core)
@@ -187,21 +187,9 @@ def whole_labels(before: np.ndarray, after: np.ndarray, min_voxels: int = 20, ke
 
 
 @pytest.fixture(scope="module")
-def pair(shared_data: Path, tmp_path_factory, resample_isotropic) -> dict[str, Path]:
-    """Mindboggle test subjects 14 (moving) and 13 (fixed) at 3 mm."""
-    src = shared_data / "mindboggle_oasis_trt20"
-    if not (src / "oasis_trt_13" / "image.nii.gz").is_file():
-        pytest.skip(f"Mindboggle subjects not found under {src}")
-    if not DEFAULT_WEIGHTS.is_file():
-        pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
-    root = tmp_path_factory.mktemp("mindboggle3mm")
-    out = {}
-    for role, subject in (("fixed", "13"), ("moving", "14")):
-        for kind, label in (("image", False), ("label", True)):
-            src_file = src / f"oasis_trt_{subject}" / f"{kind}.nii.gz"
-            out[f"{role}_{kind}"] = resample_isotropic(src_file, root / f"{role}_{kind}.nii.gz", SPACING, label)
-    out["root"] = root
-    return out
+def pair(mindboggle_3mm: dict[str, Path]) -> dict[str, Path]:
+    """Mindboggle test subjects 14 (moving) and 13 (fixed) at 3 mm (``SPACING``)."""
+    return mindboggle_3mm
 
 
 def _pipeline() -> RegistrationPipeline:
