@@ -235,14 +235,17 @@ FIELD_GZIP_LEVEL = 0
 
 def _write_gzip_level(img, path: str, level: int) -> None:
     """Write a SimpleITK image as ``.nii`` next to ``path`` (a ``.nii.gz``), then gzip it at ``level`` into
-    ``path``: the same header and data as ``sitk.WriteImage(img, path, True)``."""
+    ``path``: the same header and data as ``sitk.WriteImage(img, path, True)``, and the same bytes for the same
+    image."""
     import SimpleITK as sitk
 
     raw = path[: -len(".gz")]
     sitk.WriteImage(img, raw, False)
     try:
-        with open(raw, "rb") as src, gzip.open(path, "wb", compresslevel=level) as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
+        # no name and mtime 0 in the gzip header: the same field gives the same bytes (resumed batches compare them)
+        with open(raw, "rb") as src, open(path, "wb") as out:
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=level, fileobj=out, mtime=0) as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
     finally:
         os.remove(raw)
 
