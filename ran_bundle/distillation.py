@@ -27,7 +27,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ran_bundle.data import TEACHER_DDF, load_datalist, make_pair
+from ran_bundle.data import TEACHER_DDF, load_datalist, ordered_pairs
 from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.engines import pair_name
 from ran_bundle.fields import atomic_write
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data = load_datalist(args.datalist, base_dir=args.base_dir)
     subjects = data["training"]
-    pairs = [make_pair(m, f) for m in subjects for f in subjects if m is not f][index::count]
+    pairs = ordered_pairs(subjects)[index::count]
     transform = registration_transforms(
         "train",
         spacing=(args.spacing,) * 3,

@@ -336,9 +336,9 @@ def registration_transforms(
             with a mix of labelled and unlabelled subjects needs it.
         label_values: label values mapped to ``1..N`` in this order (MONAI's ``MapLabelValued``), so that
             one-hot label maps of the training Dice have ``N + 1`` channels; ``None`` keeps the values.
-        before_crop: a transform applied to the full, scaled pair just before the train crop, whose new keys
-            are cropped with the images (e.g. :class:`ran_bundle.distillation.TeacherFieldd`, which adds the
-            teacher field); train mode only.
+        before_crop: a transform applied to the full, scaled pair just before the train crop, which adds the
+            teacher field :data:`ran_bundle.data.TEACHER_DDF` (:class:`ran_bundle.distillation.TeacherFieldd`);
+            that key is cropped with the images. Train mode only.
 
     Raises:
         ValueError: bad ``mode``/``intensity``/sizes (before any data is read).
