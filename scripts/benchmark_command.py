@@ -41,15 +41,17 @@ import tempfile
 import time
 from pathlib import Path
 
+# the bundle root: scripts.* and ran_bundle from this checkout when run as a file
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nibabel as nib
+import numpy as np
+
+from ran_bundle.evaluation import native_label_scores
+from ran_bundle.pipeline import STEPS
+from scripts.compare_brain import add_pair_options, load_pairs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # ran_bundle from this checkout when run as a file
-
-import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ran_bundle.data import load_datalist  # noqa: E402
-from ran_bundle.evaluation import native_label_scores  # noqa: E402
-from ran_bundle.pipeline import STEPS  # noqa: E402
 
 #: antspyx end to end in a fresh process: argv = fixed, moving, moving label, output folder, transform type
 ANTS_SCRIPT = """
@@ -73,15 +75,8 @@ THREAD_VARIABLES = (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datalist", default=str(REPO / "configs/datalists/brain_mindboggle.json"))
-    p.add_argument(
-        "--base-dir",
-        default=os.environ.get("RAN_SHARED_DATA", str(REPO.parent / "shared" / "data")),
-        help="shared data folder (RAN_SHARED_DATA)",
-    )
-    p.add_argument("--split", default="test_pairs", help="pairs of the datalist: test_pairs or validation_pairs")
+    add_pair_options(p)
     p.add_argument("--threads", type=int, default=2, help="CPUs both commands are pinned to (the first N allowed)")
-    p.add_argument("--limit", type=int, help="only the first N pairs (smoke runs)")
     p.add_argument(
         "--ran-args", default="", help="extra ran-register arguments (default none: the user's command; smoke runs)"
     )
@@ -235,8 +230,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, cpus: list[int], loa
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cpus = pinned_cpus(args.threads)
-    data = load_datalist(args.datalist, base_dir=args.base_dir)
-    pairs = data[args.split][: args.limit]
+    _, pairs = load_pairs(args)
     if not pairs or any(p.get("moving_label") is None or p.get("fixed_label") is None for p in pairs):
         raise SystemExit(f"{args.datalist}: {args.split} needs pairs with labels on both sides.")
     load = os.getloadavg()

@@ -59,8 +59,8 @@ IO_STARTS = {"VoxelMorph + IO": "VoxelMorph", "IO from zero": "zero", "RAN + IO"
 STARTS = ("zero", "RAN", "VoxelMorph")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_pair_options(p: argparse.ArgumentParser) -> None:
+    """The pairs of a brain run: ``--datalist``, ``--base-dir``, ``--split``, ``--limit`` (:func:`load_pairs`)."""
     p.add_argument("--datalist", default=str(REPO / "configs/datalists/brain_mindboggle.json"))
     p.add_argument(
         "--base-dir",
@@ -68,11 +68,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="shared data folder (RAN_SHARED_DATA)",
     )
     p.add_argument("--split", default="test_pairs", help="pairs of the datalist: test_pairs or validation_pairs")
+    p.add_argument("--limit", type=int, help="only the first N pairs (smoke runs)")
+
+
+def load_pairs(args: argparse.Namespace) -> tuple[dict, list[dict]]:
+    """The datalist and its ``--split`` pairs (the first ``--limit``) from the options of :func:`add_pair_options`."""
+    data = load_datalist(args.datalist, base_dir=args.base_dir)
+    return data, data[args.split][: args.limit]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pair_options(p)
     p.add_argument("--weights", default=str(REPO / "models/model.pt"), help="RAN weights")
     p.add_argument("--voxelmorph", default=str(REPO / "models/peers/voxelmorph_brain.pt"), help="VoxelMorph weights")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every method (torch, ITK, ANTs)")
-    p.add_argument("--limit", type=int, help="only the first N pairs (smoke runs)")
     p.add_argument(
         "--curve",
         type=float,
@@ -97,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    data = load_datalist(args.datalist, base_dir=args.base_dir)
-    pairs = data[args.split][: args.limit]
+    data, pairs = load_pairs(args)
     landmarks = {
         s["image"]: os.path.join(args.base_dir, s["landmarks"])
         for split in ("training", "validation", "test")
