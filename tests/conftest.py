@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,17 @@ import SimpleITK as sitk
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logging() -> Iterator[None]:
+    """Undo what an in-process ``ran-register`` (``cli._setup_logging``) does to the ``ran_bundle`` logger: its
+    handler writes to the test's captured stderr, closed afterwards, and it stops propagation, which would hide
+    later tests' records from ``caplog``."""
+    log = logging.getLogger("ran_bundle")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
 
 
 @pytest.fixture(scope="session")

@@ -318,14 +318,14 @@ def test_short_pretraining_on_the_real_ct_lowers_the_end_point_error(tiny_ct):
 @pytest.mark.slow
 def test_short_pretraining_of_the_ran_from_the_shipped_weights_lowers_the_end_point_error(tiny_ct):
     """The RAN itself (preset ``ref``), started from the shipped brain MR weights ``models/model.pt``: 60 steps of
-    the same pretraining as above lower the held-back end-point error below both the zero field's and the
-    starting weights'.
+    the same pretraining as above (peak learning rate 3e-3) lower the held-back end-point error below both the
+    zero field's and the starting weights'.
 
     From random weights the RAN first sits on a plateau longer than a unit test (``docs/pretraining.md``); the
     shipped weights have left it and carry over to CT, although they were trained on brain MR. Thresholds: below
-    90% of the zero field's EPE and below 95% of the starting weights' (measured with version 0.3.0: zero field
-    3.37, shipped weights 3.18, after 60 steps 2.92 voxels, i.e. 87% and 92%; version 0.2.0 started worse than the
-    zero field, 3.50, and reached 2.43).
+    90% of the zero field's EPE and below 95% of the starting weights' (measured with version 0.4.0: zero field
+    3.37, shipped weights 3.14, after 60 steps 2.56 voxels, i.e. 76% and 82%). At the 1e-3 that suited 0.3.0
+    (3.18 -> 2.92), the 0.4.0 weights, distilled with a smoothness term, moved only to 3.09.
     """
     from ran_bundle.networks import ResidualAlignerNetwork
 
@@ -333,7 +333,7 @@ def test_short_pretraining_of_the_ran_from_the_shipped_weights_lowers_the_end_po
     subject = {"image": str(tiny_ct / "images" / "subject_00.nii.gz")}
     net = load_pretrained(ResidualAlignerNetwork(3, "ref"), REPO / "models" / "model.pt", torch.device("cpu"))
     start, zero = _held_back_epe(net, subject)
-    _pretrain(net, subject, iters=60, lr=1e-3)
+    _pretrain(net, subject, iters=60, lr=3e-3)
     after, _ = _held_back_epe(net, subject)
     print(f"held-back EPE (voxels): zero field {zero:.3f}, shipped weights {start:.3f}, after 60 steps {after:.3f}")
     assert after < 0.9 * zero and after < 0.95 * start, (zero, start, after)
