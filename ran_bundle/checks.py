@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ran_bundle.fields import spacing_of
+from ran_bundle.flow import spacing_of
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 
 __all__ = [

@@ -12,7 +12,7 @@ The same preprocessing and metrics as the bundle's evaluation (``configs/evaluat
 
 Every network is called as ``net(cat[moving, fixed])`` -> DDF ``(1, d, *S)`` in voxels on the fixed grid
 (:func:`~ran_bundle.engines.prepare_batch`), and the moving label is warped with nearest neighbour by
-:func:`~ran_bundle.networks.blocks.warp`.
+:func:`~ran_bundle.flow.warp`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from monai.data import list_data_collate
 
 from ran_bundle.checks import Volume
 from ran_bundle.engines import pair_name, prepare_batch
-from ran_bundle.fields import spacing_of
+from ran_bundle.flow import apply_matrix, sample_voxels, spacing_of, voxel_grid, voxel_to_world, warp, world_to_voxel
 from ran_bundle.metrics import dice_per_label, evaluate_pair, hd95_per_label
-from ran_bundle.networks.blocks import warp
-from ran_bundle.spatial import apply_matrix, foreground_mask, sample_voxels, voxel_grid, voxel_to_world, world_to_voxel
+from ran_bundle.spatial import foreground_mask
 from ran_bundle.transforms import registration_transforms
 
 __all__ = [

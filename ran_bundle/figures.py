@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ran_bundle.checks import InputError
-from ran_bundle.spatial import sample_voxels, voxel_to_world, world_to_voxel
+from ran_bundle.flow import sample_voxels, voxel_to_world, world_to_voxel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

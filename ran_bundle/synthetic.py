@@ -5,12 +5,12 @@ random known displacement field "combining rigid spatial transformation and defo
 supervised loss of :class:`~ran_bundle.losses.SyntheticFieldLoss` (0.1 image MSE + 1 field MSE +
 1 smoothness), before the unsupervised training on real pairs. This module builds such pairs.
 
-Field convention (that of :mod:`ran_bundle.fields`): a DDF ``u`` is ``(d, *S)`` (or ``(B, d, *S)``)
+Field convention (that of :mod:`ran_bundle.flow`): a DDF ``u`` is ``(d, *S)`` (or ``(B, d, *S)``)
 in **voxel** units on the image grid, channel ``i`` along array axis ``i``, and
 
     ``fixed(x) = moving(x + u(x))``
 
-(trilinear for images, nearest neighbour for labels, :func:`ran_bundle.networks.blocks.warp`). The
+(trilinear for images, nearest neighbour for labels, :func:`ran_bundle.flow.warp`). The
 moving image is the input image; the fixed image is the input warped by the field, so the network,
 given ``cat[moving, fixed]``, must predict exactly ``u``.
 
@@ -91,9 +91,8 @@ from torch.utils.data import Dataset
 
 from ran_bundle.checks import InputError, check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import spacing_of
+from ran_bundle.flow import spacing_of, warp
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
-from ran_bundle.networks.blocks import warp
 from ran_bundle.transforms import CT_WINDOW
 
 __all__ = [

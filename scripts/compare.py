@@ -8,7 +8,7 @@ edge-aware smoothness), every step being the package's training step
 (:func:`ran_bundle.engines.registration_train_step`). The network's weights are seeded with ``--seed`` too. The
 models are built by :func:`scripts.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up
 to its DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
-:func:`ran_bundle.networks.blocks.warp`.
+:func:`ran_bundle.flow.warp`.
 
 Evaluation (:mod:`ran_bundle.evaluation`): the ``test_pairs`` of the datalist (the ``validation_pairs`` when
 there are none), preprocessed like the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms`

@@ -29,21 +29,12 @@ from scipy.ndimage import gaussian_filter
 from ran_bundle.affine import AffineResult, write_transform
 from ran_bundle.checks import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.cli import register_main
-from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, voxel_grid, voxel_to_world
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline
-from ran_bundle.spatial import (
-    Grid,
-    field_to_voxel_ddf,
-    foreground_mask,
-    map_points,
-    read_displacement_field,
-    sitk_affine,
-    to_sitk_image,
-    voxel_grid,
-    voxel_to_world,
-)
+from ran_bundle.spatial import Grid, foreground_mask, read_displacement_field, sitk_affine, to_sitk_image
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -283,7 +274,7 @@ def test_predict_amp_and_finetune_network_on_a_tiny_pair(one_thread):
 
 def test_optimise_field_lowers_the_loss_and_aligns(one_thread):
     """Instance optimisation of the field from a zero start on a pair that differs by a smooth deformation."""
-    from ran_bundle.fields import warp_image
+    from ran_bundle.flow import warp_image
 
     fixed = torch.from_numpy(phantom((32, 32, 32)))[None, None]
     fixed = fixed / fixed.max()
