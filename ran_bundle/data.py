@@ -50,7 +50,7 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
-from ran_bundle.checks import check_subject_files
+from ran_bundle.inputs import check_subject_files
 
 __all__ = [
     "PAIR_KEYS",
@@ -207,7 +207,7 @@ def load_datalist(
         base_dir: folder that relative paths are resolved against (default: the JSON file's folder).
         check_files: check that every referenced image/label file exists.
         check_images: also read every image and label once and check them
-            (:func:`ran_bundle.checks.check_subject_files`: readable, 3D, finite, not constant; labels
+            (:func:`ran_bundle.inputs.check_subject_files`: readable, 3D, finite, not constant; labels
             on their image's grid, integer, not empty), so that a bad file stops a workflow before
             training or inference starts.
 
@@ -223,7 +223,7 @@ def load_datalist(
         FileNotFoundError: the datalist file does not exist.
         ValueError: invalid JSON, a missing required key, a missing referenced file, too few subjects
             for pairs, a bad pair entry; with ``check_images``, a bad image or label
-            (:class:`~ran_bundle.checks.InputError`, a ``ValueError``).
+            (:class:`~ran_bundle.inputs.InputError`, a ``ValueError``).
     """
     path = Path(path)
     if not path.is_file():

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ran_bundle.checks import InputError
 from ran_bundle.flow import sample_voxels, voxel_to_world, world_to_voxel
+from ran_bundle.inputs import InputError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -51,7 +51,7 @@ MATPLOTLIB_MISSING = "--png needs matplotlib: pip install 'ran-bundle[figures]'"
 
 
 def require_matplotlib() -> None:
-    """Raise :class:`~ran_bundle.checks.InputError` when matplotlib cannot be imported (check it before work)."""
+    """Raise :class:`~ran_bundle.inputs.InputError` when matplotlib cannot be imported (check it before work)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:

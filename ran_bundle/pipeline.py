@@ -4,7 +4,7 @@ MONAI Label atlas transform.
 A registration is a short list of named steps, each a method of :class:`RegistrationPipeline`:
 
 1. :meth:`~RegistrationPipeline.check_inputs`: read and check the images, labels and weights before any
-   long work (:class:`~ran_bundle.checks.InputError` names the file and the problem).
+   long work (:class:`~ran_bundle.inputs.InputError` names the file and the problem).
 2. :meth:`~RegistrationPipeline.run_affine`: rigid, then affine registration (:mod:`ran_bundle.affine`),
    or a user's initial transform, or none.
 3. :meth:`~RegistrationPipeline.preprocess`: the network grid, the fixed image's foreground at ``spacing``
@@ -47,17 +47,7 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
-from ran_bundle.checks import (
-    InputError,
-    Volume,
-    check_same_grid,
-    load_network,
-    load_volume,
-    parse_spacing,
-    resolve_device,
-)
 from ran_bundle.defaults import PIPELINE_DEFAULTS
-from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, registration_quality
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import (
     apply_matrix,
@@ -71,9 +61,19 @@ from ran_bundle.flow import (
     voxel_to_world,
     world_to_voxel,
 )
+from ran_bundle.inputs import (
+    InputError,
+    Volume,
+    check_same_grid,
+    load_network,
+    load_volume,
+    parse_spacing,
+    resolve_device,
+)
 from ran_bundle.metrics import jacobian_determinant
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import SIMILARITIES, finetune_network, optimise_field
+from ran_bundle.quality import affine_and_registered_dice, registration_quality
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid, to_sitk_image
 from ran_bundle.tensors import autocast_if
 from ran_bundle.transforms import INTENSITIES, scale_intensity
@@ -480,7 +480,7 @@ class RegistrationPipeline:
             warped = sample_voxels(moving.tensor(), coords)[0, 0]
             warped_label = None
             if inputs.moving_label is not None:
-                warped_label = sample_voxels(label_tensor(inputs.moving_label), coords, mode="nearest")[0, 0]
+                warped_label = sample_voxels(inputs.moving_label.label_tensor(), coords, mode="nearest")[0, 0]
             jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0])
             inverse = self._inverse(inputs, affine, grid, v_grid) if self.inverse else None
             stats, warnings = registration_quality(

@@ -18,9 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ran_bundle.checks import InputError, check_complete_file
 from ran_bundle.fields import RAS_TO_LPS
 from ran_bundle.flow import as_affine
+from ran_bundle.inputs import InputError, check_complete_file
 
 __all__ = [
     "read_displacement_field",
@@ -47,7 +47,7 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.n
 
     Raises:
         InputError: file missing, unreadable, truncated or corrupt (SimpleITK would read a cut-off ``.nii.gz``
-            silently, :func:`~ran_bundle.checks.check_complete_file`), or not a 3D field of 3-vectors.
+            silently, :func:`~ran_bundle.inputs.check_complete_file`), or not a 3D field of 3-vectors.
     """
     p = os.fspath(path)
     if not os.path.isfile(p):

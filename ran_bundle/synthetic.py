@@ -46,7 +46,7 @@ Pieces:
   map, as SynthSeg), for tests of cross-contrast registration; the images it makes are synthetic;
 - evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric) and
   :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint, through
-  :func:`ran_bundle.checks.read_state_dict`); the trainer
+  :func:`ran_bundle.inputs.read_state_dict`); the trainer
   and evaluator steps of the pretraining are :class:`ran_bundle.engines.SyntheticTrainStep` and
   :class:`ran_bundle.engines.SyntheticEvalStep`.
 
@@ -89,9 +89,9 @@ from monai.transforms import (
 from monai.utils import MetricReduction
 from torch.utils.data import Dataset
 
-from ran_bundle.checks import InputError, check_state_dict_fits, read_state_dict
 from ran_bundle.data import PAIR_KEYS
 from ran_bundle.flow import spacing_of, warp
+from ran_bundle.inputs import InputError, check_state_dict_fits, read_state_dict
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
 from ran_bundle.transforms import CT_WINDOW
 
@@ -764,7 +764,7 @@ def load_pretrained(
 
     The Python counterpart of ``configs/train.json``'s ``--pretrained_ckpt``: start from a pretraining
     checkpoint (``runs/pretrain/model.pt`` holds ``{"model", "optimizer", "lr_scheduler"}``; only the
-    model is taken) or a plain state dict, read as every weight file is (:func:`ran_bundle.checks.read_state_dict`:
+    model is taken) or a plain state dict, read as every weight file is (:func:`ran_bundle.inputs.read_state_dict`:
     a DDP ``"module."`` prefix is removed). ``ckpt=None`` returns ``network`` unchanged.
 
     Raises:

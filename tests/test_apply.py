@@ -18,10 +18,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.apply import read_points_csv, warp_image_file, warp_points_file, write_points_csv
-from ran_bundle.checks import InputError
 from ran_bundle.cli import warp_main, warp_parser
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, sample_voxels, warp_image, warp_to_grid
+from ran_bundle.inputs import InputError
 from ran_bundle.spatial import read_displacement_field, to_sitk_image
 
 LPS = np.diag([-1.0, -1.0, 1.0])

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from ran_bundle import outputs
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.outputs import COMPLETE_MARKER, KNOWN_OUTPUTS, OutputFolder, write_json
 from ran_bundle.pipeline import RegistrationPipeline

@@ -27,10 +27,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.affine import AffineResult, write_transform
-from ran_bundle.checks import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.cli import register_main
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, voxel_grid, voxel_to_world
+from ran_bundle.inputs import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline

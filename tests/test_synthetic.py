@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from ran_bundle.checks import InputError
 from ran_bundle.engines import SyntheticTrainStep, prepare_batch
 from ran_bundle.flow import warp
+from ran_bundle.inputs import InputError
 from ran_bundle.losses import SyntheticFieldLoss
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.synthetic import (
