@@ -392,9 +392,9 @@ class RegistrationPipeline:
         with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
             fixed_image = inputs.sitk("fixed")
             grid = foreground_grid(fixed_image, self.spacing)
-            scale = {"intensity": self.intensity, "ct_window": self.ct_window}
-            fixed = scale_intensity(resample_to_grid(fixed_image, grid), **scale)
-            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), **scale)
+            fixed = resample_to_grid(fixed_image, grid)
+            moving = resample_to_grid(inputs.sitk("moving"), grid, affine.matrix)
+            fixed, moving = (scale_intensity(x, self.intensity, self.ct_window) for x in (fixed, moving))
             masks = {}
             for which, matrix in (("fixed", None), ("moving", affine.matrix)):
                 mask = inputs.sitk_mask(which)
