@@ -22,18 +22,31 @@ from ran_bundle.spatial import foreground_mask
 __all__ = ["foreground_overlap", "affine_and_registered_dice", "registration_quality"]
 
 
-def foreground_overlap(fixed: Volume, moving: Volume, matrix: np.ndarray) -> float:
+def foreground_overlap(
+    fixed_mask: np.ndarray,
+    fixed_affine: np.ndarray,
+    moving_mask: np.ndarray,
+    moving_affine: np.ndarray,
+    matrix: np.ndarray,
+) -> float:
     """Fraction of the fixed image's foreground whose point, mapped by the ``(4, 4)`` RAS ``matrix`` (fixed ->
-    moving), falls in the moving image's foreground (:func:`ran_bundle.spatial.foreground_mask`; every 4th voxel
-    per axis)."""
+    moving), falls in the moving image's foreground (every 4th voxel per axis).
+
+    Args:
+        fixed_mask: ``(*F)`` bool foreground of the fixed image (:func:`ran_bundle.spatial.foreground_mask`).
+        fixed_affine: its ``(4, 4)`` RAS affine.
+        moving_mask: ``(*M)`` bool foreground of the moving image.
+        moving_affine: its ``(4, 4)`` RAS affine.
+        matrix: the affine stage's ``(4, 4)`` RAS map of fixed points to moving points.
+    """
     sub = (slice(None, None, 4),) * 3
-    mask_f = np.asarray(foreground_mask(fixed.array))[sub]
+    mask_f = fixed_mask[sub]
     if not mask_f.any():
         return 0.0
-    index = voxel_grid(fixed.array.shape)[(slice(None),) + sub]
-    mapped = apply_matrix(matrix, voxel_to_world(index, fixed.affine))
-    moving_mask = torch.from_numpy(np.asarray(foreground_mask(moving.array)).astype(np.int32))[None, None]
-    hit = sample_voxels(moving_mask, world_to_voxel(mapped, moving.affine), "nearest")[0, 0].numpy() > 0
+    index = voxel_grid(fixed_mask.shape)[(slice(None),) + sub]
+    mapped = apply_matrix(matrix, voxel_to_world(index, fixed_affine))
+    moving = torch.from_numpy(moving_mask.astype(np.int32))[None, None]
+    hit = sample_voxels(moving, world_to_voxel(mapped, moving_affine), "nearest")[0, 0].numpy() > 0
     return float((hit & mask_f).sum() / mask_f.sum())
 
 
@@ -86,7 +99,8 @@ def registration_quality(
     Returns:
         ``(stats, warnings)``.
     """
-    mask = torch.from_numpy(np.asarray(foreground_mask(fixed.array)))
+    fixed_mask, moving_mask = (np.asarray(foreground_mask(v.array)) for v in (fixed, moving))
+    mask = torch.from_numpy(fixed_mask)
     folded = int(((jacobian <= 0) & mask).sum())
     inside = int(mask.sum())
     extent = np.asarray(fixed.array.shape) * np.asarray(fixed.spacing)
@@ -116,7 +130,7 @@ def registration_quality(
             f"the fixed image covers under 64 mm along an axis (network grid {list(network_grid)} at "
             f"{network_spacing:g} mm): the network's field is unreliable on images this small."
         )
-    overlap = foreground_overlap(fixed, moving, matrix)
+    overlap = foreground_overlap(fixed_mask, fixed.affine, moving_mask, moving.affine, matrix)
     stats["foreground_overlap_after_affine"] = overlap
     if overlap < 0.5:
         warnings.append(
