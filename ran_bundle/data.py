@@ -51,10 +51,9 @@ from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
 from ran_bundle.inputs import check_subject_files
+from ran_bundle.keys import PAIR_KEYS
 
 __all__ = [
-    "PAIR_KEYS",
-    "TEACHER_DDF",
     "SPLITS",
     "load_datalist",
     "ordered_pairs",
@@ -62,9 +61,6 @@ __all__ = [
     "RandomPairDataset",
 ]
 
-PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
-TEACHER_DDF = "teacher_ddf"
-"""Key of a pair's teacher field ``(d, *S)``, voxels (:mod:`ran_bundle.distillation`)."""
 SPLITS = ("training", "validation", "test")
 _PAIR_SPLITS = {"validation": "validation_pairs", "test": "test_pairs"}
 

@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 
-from ran_bundle.data import PAIR_KEYS
 from ran_bundle.flow import warp
 from ran_bundle.inputs import check_state_dict_fits, read_state_dict
-from ran_bundle.synthetic import TRUE_DDF
+from ran_bundle.keys import PAIR_KEYS, TRUE_DDF
 from ran_bundle.tensors import as_plain_tensor, autocast_if
 
 __all__ = [
