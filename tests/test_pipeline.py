@@ -30,7 +30,7 @@ from ran_bundle.affine import AffineResult, write_transform
 from ran_bundle.cli import register_main
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, voxel_grid, voxel_to_world
-from ran_bundle.inputs import InputError, load_network, parse_spacing, resolve_device
+from ran_bundle.inputs import InputError, load_network, parse_spacing, read_state_dict, resolve_device
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline
@@ -170,6 +170,18 @@ def test_load_network_errors(tmp_path: Path):
         load_network(plain, "RAn9")
     with pytest.raises(InputError, match="file not found"):
         load_network(tmp_path / "absent.pt")
+
+
+def test_pipeline_holds_the_values_of_its_weight_file():
+    """Without a network the pipeline loads ``weights`` (the shipped file by default): its network's state dict is
+    the file's, value for value, not merely a network of the right type."""
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
+    torch.manual_seed(1)  # other initial weights: only the file's values can make them equal
+    loaded = RegistrationPipeline(device="cpu", progress=False).network.state_dict()
+    saved = read_state_dict(DEFAULT_WEIGHTS)
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in saved.items())
 
 
 @pytest.mark.parametrize(
