@@ -44,8 +44,8 @@ import torch
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Operator, OperatorSpec
 
-from ran_bundle.checks import InputError, resolve_device
 from ran_bundle.cli import add_pipeline_options, pipeline_options
+from ran_bundle.inputs import InputError, resolve_device
 from ran_bundle.outputs import OutputFolder, write_json
 from ran_bundle.pipeline import Registration, RegistrationPipeline
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.spatial import ras_matrix, sitk_affine
 
 __all__ = [

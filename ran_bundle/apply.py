@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from ran_bundle.checks import InputError, load_volume
 from ran_bundle.fields import RAS_TO_LPS, atomic_write, write_image_atomic
+from ran_bundle.inputs import InputError, load_volume
 from ran_bundle.spatial import ras_affine_of, read_displacement_field, to_sitk_image
 
 __all__ = [

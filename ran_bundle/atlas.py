@@ -40,8 +40,8 @@ from monai.data import MetaTensor
 from monai.transforms import Transform
 
 from ran_bundle.affine import AffineResult
-from ran_bundle.checks import InputError
-from ran_bundle.fields import ddf_voxel_to_mm
+from ran_bundle.flow import ddf_voxel_to_mm
+from ran_bundle.inputs import InputError
 from ran_bundle.pipeline import NetworkPair, PairInputs, RegistrationPipeline
 from ran_bundle.tensors import as_plain_tensor
 

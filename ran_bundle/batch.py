@@ -49,8 +49,8 @@ import SimpleITK as sitk
 import torch
 from tqdm import tqdm
 
-from ran_bundle.checks import InputError, parse_spacing
 from ran_bundle.fields import atomic_write
+from ran_bundle.inputs import InputError, parse_spacing
 from ran_bundle.outputs import KNOWN_OUTPUTS, OutputFolder, write_json
 from ran_bundle.pipeline import Registration, RegistrationPipeline
 

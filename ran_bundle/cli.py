@@ -304,7 +304,7 @@ def warp_parser() -> argparse.ArgumentParser:
 
 
 def _register(args: argparse.Namespace) -> None:
-    from ran_bundle.checks import InputError
+    from ran_bundle.inputs import InputError
     from ran_bundle.outputs import OutputFolder, write_json
     from ran_bundle.pipeline import RegistrationPipeline
 
@@ -361,7 +361,7 @@ def _warp(args: argparse.Namespace) -> None:
 def _run(name: str, parser: argparse.ArgumentParser, command, argv: Sequence[str] | None) -> None:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     _setup_logging(name, args.quiet)
-    from ran_bundle.checks import InputError
+    from ran_bundle.inputs import InputError
 
     try:
         command(args)

@@ -50,11 +50,10 @@ import numpy as np
 from monai.transforms import Randomizable, apply_transform
 from torch.utils.data import Dataset
 
-from ran_bundle.checks import check_subject_files
+from ran_bundle.inputs import check_subject_files
+from ran_bundle.keys import PAIR_KEYS
 
 __all__ = [
-    "PAIR_KEYS",
-    "TEACHER_DDF",
     "SPLITS",
     "load_datalist",
     "ordered_pairs",
@@ -62,9 +61,6 @@ __all__ = [
     "RandomPairDataset",
 ]
 
-PAIR_KEYS = ("moving_image", "fixed_image", "moving_label", "fixed_label")
-TEACHER_DDF = "teacher_ddf"
-"""Key of a pair's teacher field ``(d, *S)``, voxels (:mod:`ran_bundle.distillation`)."""
 SPLITS = ("training", "validation", "test")
 _PAIR_SPLITS = {"validation": "validation_pairs", "test": "test_pairs"}
 
@@ -207,7 +203,7 @@ def load_datalist(
         base_dir: folder that relative paths are resolved against (default: the JSON file's folder).
         check_files: check that every referenced image/label file exists.
         check_images: also read every image and label once and check them
-            (:func:`ran_bundle.checks.check_subject_files`: readable, 3D, finite, not constant; labels
+            (:func:`ran_bundle.inputs.check_subject_files`: readable, 3D, finite, not constant; labels
             on their image's grid, integer, not empty), so that a bad file stops a workflow before
             training or inference starts.
 
@@ -223,7 +219,7 @@ def load_datalist(
         FileNotFoundError: the datalist file does not exist.
         ValueError: invalid JSON, a missing required key, a missing referenced file, too few subjects
             for pairs, a bad pair entry; with ``check_images``, a bad image or label
-            (:class:`~ran_bundle.checks.InputError`, a ``ValueError``).
+            (:class:`~ran_bundle.inputs.InputError`, a ``ValueError``).
     """
     path = Path(path)
     if not path.is_file():

@@ -27,14 +27,15 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from ran_bundle.data import TEACHER_DDF, load_datalist, ordered_pairs
+from ran_bundle.data import load_datalist, ordered_pairs
 from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.engines import pair_name
 from ran_bundle.fields import atomic_write
+from ran_bundle.keys import TEACHER_DDF
 from ran_bundle.optimise import optimise_field
 from ran_bundle.tensors import as_plain_tensor
 
-__all__ = ["TEACHER_DDF", "TeacherFieldd", "teacher_file", "teacher_field", "main"]
+__all__ = ["TeacherFieldd", "teacher_file", "teacher_field", "main"]
 
 _FORMAT = 1
 

@@ -20,7 +20,7 @@ bundle configs plug into those engines (the handlers attached to them are in :mo
 - :func:`check_checkpoint`: the configs' check of a checkpoint before any work.
 
 Shapes: images and labels ``(B, 1, *S)``, DDF ``(B, d, *S)`` in voxels on the fixed grid (the
-convention of :mod:`ran_bundle.fields`). The engines are created with ``decollate=False`` so
+convention of :mod:`ran_bundle.flow`). The engines are created with ``decollate=False`` so
 ``engine.state.batch`` and ``engine.state.output`` stay batched dicts.
 """
 
@@ -34,10 +34,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 
-from ran_bundle.checks import check_state_dict_fits, read_state_dict
-from ran_bundle.data import PAIR_KEYS
-from ran_bundle.networks.blocks import warp
-from ran_bundle.synthetic import TRUE_DDF
+from ran_bundle.flow import warp
+from ran_bundle.inputs import check_state_dict_fits, read_state_dict
+from ran_bundle.keys import PAIR_KEYS, TRUE_DDF
 from ran_bundle.tensors import as_plain_tensor, autocast_if
 
 __all__ = [
@@ -186,7 +185,7 @@ def registration_train_step(
     ``torch.autocast`` when ``amp``; calling the possibly DDP-wrapped module itself keeps
     DistributedDataParallel's gradient synchronisation; for the RAN it is ``register(inputs).ddf``), and in
     float32, outside autocast (local NCC sums and soft Dice lose their meaning in half precision):
-    ``warped = warp(moving, ddf)`` (:func:`ran_bundle.networks.blocks.warp`) and the loss
+    ``warped = warp(moving, ddf)`` (:func:`ran_bundle.flow.warp`) and the loss
 
     - ``loss_fn(warped, fixed, ddf, true_ddf)`` with ``true_ddf`` (supervised, e.g.
       :class:`~ran_bundle.losses.SyntheticFieldLoss`);

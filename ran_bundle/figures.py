@@ -14,20 +14,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from ran_bundle.checks import InputError
-from ran_bundle.spatial import sample_voxels, voxel_to_world, world_to_voxel
+from ran_bundle.affine import AffineResult
+from ran_bundle.flow import apply_matrix, sample_voxels, voxel_to_world, world_to_voxel
+from ran_bundle.inputs import InputError, Volume
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from ran_bundle.pipeline import Registration
+__all__ = ["ROWS", "COLUMNS", "Overview", "require_matplotlib", "overview_figure", "overview_png"]
 
-__all__ = ["ROWS", "COLUMNS", "require_matplotlib", "overview_figure", "overview_png"]
+
+class _Pair(Protocol):
+    fixed: Volume
+    moving: Volume
+
+
+class Overview(Protocol):
+    """What the overview draws, as a :class:`ran_bundle.pipeline.Registration` holds it (the pipeline, above this
+    module, passes one in): ``inputs.fixed`` / ``inputs.moving``, ``affine.matrix``, and on the fixed grid
+    ``warped`` ``(X, Y, Z)``, ``field`` ``(1, 3, X, Y, Z)`` and ``jacobian`` ``(X, Y, Z)``."""
+
+    inputs: _Pair
+    affine: AffineResult
+    field: torch.Tensor
+    warped: torch.Tensor
+    jacobian: torch.Tensor
+
 
 #: row titles of the overview, top to bottom
 ROWS = (
@@ -51,7 +68,7 @@ MATPLOTLIB_MISSING = "--png needs matplotlib: pip install 'ran-bundle[figures]'"
 
 
 def require_matplotlib() -> None:
-    """Raise :class:`~ran_bundle.checks.InputError` when matplotlib cannot be imported (check it before work)."""
+    """Raise :class:`~ran_bundle.inputs.InputError` when matplotlib cannot be imported (check it before work)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -115,23 +132,21 @@ class _Canonical:
         return np.arange(self.shape[h]) * self.spacing[h], np.arange(self.shape[v]) * self.spacing[v]
 
 
-def _affine_only(registration: Registration, canon: _Canonical, column: int) -> np.ndarray:
+def _affine_only(registration: Overview, canon: _Canonical, column: int) -> np.ndarray:
     """``(H, V)`` the moving image at ``matrix @ p`` for the slice's fixed points ``p`` (affine stage only)."""
     moving = registration.inputs.moving
-    matrix = torch.as_tensor(np.asarray(registration.affine.matrix, np.float64))
-    points = canon.points(column)
-    mapped = torch.einsum("ij,j...->i...", matrix[:3, :3], points) + matrix[:3, 3].reshape(3, 1, 1, 1)
+    mapped = apply_matrix(registration.affine.matrix, canon.points(column))
     coords = world_to_voxel(mapped, moving.affine)
     return sample_voxels(moving.tensor(), coords)[0, 0, :, :, 0].numpy()
 
 
-def overview_figure(registration: Registration, grid_mm: float = 8.0) -> Figure:
+def overview_figure(registration: Overview, grid_mm: float = 8.0) -> Figure:
     """The overview as a matplotlib ``Figure`` (not drawn to a file; :func:`overview_png` saves it).
 
     Args:
-        registration: a :class:`~ran_bundle.pipeline.Registration`; used: ``inputs.fixed`` / ``inputs.moving``
-            (``(X, Y, Z)`` arrays in file voxel order, ``(4, 4)`` RAS affines), ``affine.matrix`` (``(4, 4)``
-            RAS, fixed point -> moving point), ``warped`` ``(X, Y, Z)``, ``field`` ``(1, 3, X, Y, Z)`` (mm,
+        registration: an :class:`Overview` (a :class:`~ran_bundle.pipeline.Registration`): ``inputs.fixed`` /
+            ``inputs.moving`` (``(X, Y, Z)`` arrays in file voxel order, ``(4, 4)`` RAS affines), ``affine.matrix``
+            (``(4, 4)`` RAS, fixed point -> moving point), ``warped`` ``(X, Y, Z)``, ``field`` ``(1, 3, X, Y, Z)`` (mm,
             RAS; fixed point ``p`` maps to ``p + field(p)``) and ``jacobian`` ``(X, Y, Z)``, all on the fixed grid.
         grid_mm: spacing of the deformation grid's lines: the lines where a moving-space coordinate of
             ``p + field(p)`` is a multiple of ``grid_mm``.
@@ -224,7 +239,7 @@ def _decorate(ax: Any, column: int, label: str) -> None:
     ax.text(0.5, 0.98, AXIS_LETTERS[v][1], ha="center", va="top", **style)
 
 
-def overview_png(path: str | os.PathLike, registration: Registration, grid_mm: float = 8.0, dpi: int = 100) -> Path:
+def overview_png(path: str | os.PathLike, registration: Overview, grid_mm: float = 8.0, dpi: int = 100) -> Path:
     """Write :func:`overview_figure` as one PNG (about 840 pixels wide at ``dpi=100``).
 
     Args:

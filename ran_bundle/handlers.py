@@ -28,9 +28,10 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers.checkpoint import CheckpointEvents
 
-from ran_bundle.data import PAIR_KEYS
 from ran_bundle.engines import pair_names
-from ran_bundle.fields import atomic_write, spacing_of
+from ran_bundle.fields import atomic_write
+from ran_bundle.flow import spacing_of
+from ran_bundle.keys import PAIR_KEYS
 from ran_bundle.metrics import evaluate_pair, summarise
 from ran_bundle.tensors import as_plain_tensor
 

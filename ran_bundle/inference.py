@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ran_bundle.batch import PairJob, run_batch
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.pipeline import RegistrationPipeline
 
 __all__ = ["register_pairs"]

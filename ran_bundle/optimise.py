@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.engines import registration_train_step
+from ran_bundle.flow import compose, exponentiate, warp
 from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc, mind_ssc, mind_ssd
-from ran_bundle.networks.blocks import warp
 from ran_bundle.spatial import foreground_mask
 
 __all__ = ["SIMILARITIES", "OptimisationResult", "diffusion", "optimise_field", "finetune_network"]
@@ -64,16 +64,6 @@ def diffusion(ddf: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def exponentiate(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
-    """Displacement ``(B, d, *S)`` of the exponential of a stationary velocity field (voxels), by scaling and
-    squaring: ``u <- v / 2**steps``, then ``steps`` times ``u <- u + u o (id + u)``. The result is the
-    displacement of a diffeomorphism when the scaled velocity is small."""
-    u = velocity / 2**steps
-    for _ in range(steps):
-        u = u + warp(u, u, padding_mode="border")
-    return u
-
-
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """Two passes of a 3x3x3 box filter (zero padding at the border folds the residual to 0 there)."""
     pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
@@ -82,13 +72,10 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _compose(start: torch.Tensor, update: torch.Tensor, svf: bool) -> torch.Tensor:
-    """The refined displacement: ``start + update``, or with ``svf`` the start composed after the
-    diffeomorphic update ``w = exp(update)``: ``w + start o (id + w)``."""
-    if not svf:
-        return start + update
-    w = exponentiate(update)
-    return w + warp(start, w, padding_mode="border")
+def _refine(start: torch.Tensor, update: torch.Tensor, svf: bool) -> torch.Tensor:
+    """The refined displacement ``(1, d, *S)``: ``start + update``, or with ``svf`` the start composed after the
+    diffeomorphic update: ``(id + start) o exp(update)`` (:func:`~ran_bundle.flow.compose`)."""
+    return compose(start, exponentiate(update)) if svf else start + update
 
 
 def _downsample(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +126,7 @@ def _level(
     kernel = [window] * (fixed.ndim - 2)
     for _ in range(iterations):
         optimiser.zero_grad(set_to_none=True)
-        ddf = _compose(start, _smooth(residual), svf)
+        ddf = _refine(start, _smooth(residual), svf)
         weights = region
         if moving_mask is not None:  # the moving mask follows the current field (no gradient through it)
             weights = region * _erode(warp(moving_mask.float(), ddf.detach()), window)
@@ -186,8 +173,8 @@ def optimise_field(
         window: local NCC window (voxels of the level's grid).
         weight: weight of the diffusion regulariser.
         fold_weight: weight of the folding penalty :func:`ran_bundle.losses.folding_penalty`.
-        svf: refine by a diffeomorphic update (:func:`exponentiate`, composed before the start) instead of
-            adding the residual.
+        svf: refine by a diffeomorphic update (:func:`~ran_bundle.flow.exponentiate`, composed before the start)
+            instead of adding the residual.
         progress: show a tqdm bar on stderr.
         fixed_mask: ``(1, 1, *S)`` voxels of the fixed image that count (non-zero), on the same grid.
         moving_mask: ``(1, 1, *S)`` voxels of the moving image that count, on the same grid (the moving image's
@@ -234,12 +221,12 @@ def optimise_field(
                 fixed_mask=masks2[0], moving_mask=masks2[1], similarity=similarity,
             )  # fmt: skip
             # the smoothed coarse residual, in fine voxels, becomes part of the fine level's start
-            start = _compose(start, _resize(_smooth(coarse), fixed.shape[2:]) * 2.0, svf)
+            start = _refine(start, _resize(_smooth(coarse), fixed.shape[2:]) * 2.0, svf)
         residual = _level(
             moving, fixed, start, residual, iterations[-1], lr, window, weight, losses, bar, fold_weight, svf,
             fixed_mask, moving_mask, similarity,
         )  # fmt: skip
-    refined = _compose(start, _smooth(residual), svf)
+    refined = _refine(start, _smooth(residual), svf)
     return OptimisationResult(refined.detach(), losses, iterations, time.perf_counter() - start_time)
 
 

@@ -18,7 +18,7 @@ What it guarantees:
   a second run into the same folder is refused with a message naming the folder and the other process.
   Locks of dead processes are removed.
 * **refusal before work**: ``out`` existing as a file, or not writable (or, when it does not exist yet, its
-  nearest existing parent), is an :class:`~ran_bundle.checks.InputError` from :meth:`OutputFolder.acquire`.
+  nearest existing parent), is an :class:`~ran_bundle.inputs.InputError` from :meth:`OutputFolder.acquire`.
 * **no half-written folder**: a new ``out`` appears by one ``rename`` of the staging folder (complete or not
   at all); into an existing ``out`` the old ``report.json`` is deleted first and the new one is moved in
   last, so ``report.json`` is present only when the folder is complete. Staging folders
@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ran_bundle.checks import InputError
 from ran_bundle.fields import atomic_write
+from ran_bundle.inputs import InputError
 
 __all__ = ["KNOWN_OUTPUTS", "OutputFolder", "write_json"]
 

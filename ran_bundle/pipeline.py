@@ -4,7 +4,7 @@ MONAI Label atlas transform.
 A registration is a short list of named steps, each a method of :class:`RegistrationPipeline`:
 
 1. :meth:`~RegistrationPipeline.check_inputs`: read and check the images, labels and weights before any
-   long work (:class:`~ran_bundle.checks.InputError` names the file and the problem).
+   long work (:class:`~ran_bundle.inputs.InputError` names the file and the problem).
 2. :meth:`~RegistrationPipeline.run_affine`: rigid, then affine registration (:mod:`ran_bundle.affine`),
    or a user's initial transform, or none.
 3. :meth:`~RegistrationPipeline.preprocess`: the network grid, the fixed image's foreground at ``spacing``
@@ -21,8 +21,8 @@ A registration is a short list of named steps, each a method of :class:`Registra
    Jacobian determinant, folding, Dice, warnings.
 7. :meth:`~RegistrationPipeline.write` and the report: the output folder (:mod:`ran_bundle.outputs`).
 
-Conventions: those of :mod:`ran_bundle.fields` and :mod:`ran_bundle.spatial` (RAS affines, fields in mm
-mapping fixed points to moving points, ITK's LPS convention in the files).
+Conventions: those of :mod:`ran_bundle.flow` (RAS affines, fields in mm mapping fixed points to moving points)
+and :mod:`ran_bundle.fields` (ITK's LPS convention in the files).
 
 About 500 lines because the steps are kept in one object on purpose: the CLI, the Deploy operator and the
 MONAI Label transform call the same steps, and each step's work lives in its own module (above).
@@ -47,7 +47,21 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
-from ran_bundle.checks import (
+from ran_bundle.defaults import PIPELINE_DEFAULTS
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.flow import (
+    apply_matrix,
+    ddf_voxel_to_mm,
+    field_to_voxel_ddf,
+    invert_field,
+    map_grid,
+    resample_field,
+    sample_voxels,
+    voxel_grid,
+    voxel_to_world,
+    world_to_voxel,
+)
+from ran_bundle.inputs import (
     InputError,
     Volume,
     check_same_grid,
@@ -56,25 +70,11 @@ from ran_bundle.checks import (
     parse_spacing,
     resolve_device,
 )
-from ran_bundle.defaults import PIPELINE_DEFAULTS
-from ran_bundle.evaluation import affine_and_registered_dice, label_tensor, registration_quality
-from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
 from ran_bundle.metrics import jacobian_determinant
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import SIMILARITIES, finetune_network, optimise_field
-from ran_bundle.spatial import (
-    Grid,
-    apply_matrix,
-    field_to_voxel_ddf,
-    foreground_grid,
-    resample_field,
-    resample_to_grid,
-    sample_voxels,
-    to_sitk_image,
-    voxel_grid,
-    voxel_to_world,
-    world_to_voxel,
-)
+from ran_bundle.quality import affine_and_registered_dice, registration_quality
+from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid, to_sitk_image
 from ran_bundle.tensors import autocast_if
 from ran_bundle.transforms import INTENSITIES, scale_intensity
 
@@ -392,9 +392,9 @@ class RegistrationPipeline:
         with self._step("preprocess", f"resampling onto the network grid ({self.spacing[0]:g} mm)"):
             fixed_image = inputs.sitk("fixed")
             grid = foreground_grid(fixed_image, self.spacing)
-            scale = {"intensity": self.intensity, "ct_window": self.ct_window}
-            fixed = scale_intensity(resample_to_grid(fixed_image, grid), **scale)
-            moving = scale_intensity(resample_to_grid(inputs.sitk("moving"), grid, affine.matrix), **scale)
+            fixed = resample_to_grid(fixed_image, grid)
+            moving = resample_to_grid(inputs.sitk("moving"), grid, affine.matrix)
+            fixed, moving = (scale_intensity(x, self.intensity, self.ct_window) for x in (fixed, moving))
             masks = {}
             for which, matrix in (("fixed", None), ("moving", affine.matrix)):
                 mask = inputs.sitk_mask(which)
@@ -467,21 +467,20 @@ class RegistrationPipeline:
             grid: the grid of the deformable displacement (the network grid, or any grid in fixed space).
             v_grid: ``(1, 3, *S)`` deformable displacement on ``grid`` in mm (RAS): after the affine stage, the
                 fixed point ``p`` maps to the moving point ``A(p + v(p))``
-                (:func:`ran_bundle.fields.ddf_voxel_to_mm` of a DDF).
+                (:func:`ran_bundle.flow.ddf_voxel_to_mm` of a DDF).
         """
         with self._step("to_world", "mapping the field onto the fixed image grid and warping"):
             v_grid = v_grid.float()
             fixed, moving = inputs.fixed, inputs.moving
             shape_f = fixed.array.shape
-            v = resample_field(v_grid, grid.affine, shape_f, fixed.affine)  # (1, 3, *F) on the fixed grid
-            points = voxel_to_world(voxel_grid(shape_f, torch.float32), fixed.affine)  # (3, *F)
-            mapped = apply_matrix(affine.matrix, points + v[0])
+            v = resample_field(v_grid, grid.affine, shape_f, fixed.affine)  # (1, 3, *F) float32 on the fixed grid
+            points, mapped = map_grid(v, fixed.affine, affine.matrix)  # (3, *F) each: p and A(p + v(p))
             total = (mapped - points)[None]  # (1, 3, *F): w(p) = A(p + v(p)) - p
             coords = world_to_voxel(mapped, moving.affine)
             warped = sample_voxels(moving.tensor(), coords)[0, 0]
             warped_label = None
             if inputs.moving_label is not None:
-                warped_label = sample_voxels(label_tensor(inputs.moving_label), coords, mode="nearest")[0, 0]
+                warped_label = sample_voxels(inputs.moving_label.label_tensor(), coords, mode="nearest")[0, 0]
             jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0])
             inverse = self._inverse(inputs, affine, grid, v_grid) if self.inverse else None
             stats, warnings = registration_quality(
@@ -504,17 +503,11 @@ class RegistrationPipeline:
     def _inverse(self, inputs: PairInputs, affine: AffineResult, grid: Grid, v_grid: torch.Tensor) -> torch.Tensor:
         """World displacement of the inverse mapping on the moving grid: ``q -> (id + v)^-1 (A^-1 q) - q``.
 
-        ``(id + v)^-1`` by the fixed-point iteration ``w <- -v(x + w(x))`` on the network grid (30 rounds; it
-        converges where ``|grad v| < 1``), sampled at ``A^-1 q``."""
-        grid_points = voxel_to_world(voxel_grid(grid.shape), grid.affine)
-        w = torch.zeros_like(v_grid[0])
-        for _ in range(30):
-            w = -sample_voxels(v_grid.float(), world_to_voxel(grid_points + w, grid.affine), "bilinear", "border")[0]
-            w = w.double()
+        ``(id + v)^-1`` on the network grid (:func:`~ran_bundle.flow.invert_field`), sampled at ``A^-1 q``."""
+        w = invert_field(v_grid, grid.affine)
         moving = inputs.moving
         q = voxel_to_world(voxel_grid(moving.array.shape), moving.affine)
-        a_inv = torch.as_tensor(np.linalg.inv(affine.matrix), dtype=torch.float64)
-        x = torch.einsum("ij,j...->i...", a_inv[:3, :3], q) + a_inv[:3, 3].reshape(3, 1, 1, 1)
+        x = apply_matrix(np.linalg.inv(affine.matrix), q)
         w_x = sample_voxels(w[None].float(), world_to_voxel(x, grid.affine), "bilinear", "border")[0].double()
         return (x + w_x - q)[None].float()
 

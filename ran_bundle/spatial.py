@@ -1,7 +1,8 @@
-"""World-space geometry of ran-bundle: voxel grids, world <-> voxel maps, resampling of images and fields
-between grids, and the bridge to SimpleITK images.
+"""Grids in world space and the bridge to SimpleITK: images, transforms and displacement field files in ITK's
+frame, the foreground and the network grid around it, resampling of SimpleITK images onto a grid.
 
-Conventions (those of :mod:`ran_bundle.fields`): affines are ``(4, 4)`` voxel-to-world matrices in the
+The field algebra on tensors (voxel grids, world <-> voxel maps, warping) is :mod:`ran_bundle.flow`'s.
+Conventions (those of :mod:`ran_bundle.flow`): affines are ``(4, 4)`` voxel-to-world matrices in the
 **RAS** frame; a world field ``v`` ``(3, *S)`` on a grid with affine ``A`` maps the point ``p = A y``
 (voxel ``y``) to ``p + v(p)``, in mm. SimpleITK (and ITK, ANTs, Slicer) store points and vectors in
 **LPS**: :data:`ran_bundle.fields.RAS_TO_LPS` converts either way.
@@ -17,21 +18,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ran_bundle.checks import InputError
-from ran_bundle.fields import RAS_TO_LPS, as_affine
-from ran_bundle.networks.blocks import warp
+from ran_bundle.fields import RAS_TO_LPS
+from ran_bundle.flow import as_affine
+from ran_bundle.inputs import InputError, check_complete_file
 
 __all__ = [
-    "voxel_grid",
-    "world_to_voxel",
-    "voxel_to_world",
-    "apply_matrix",
-    "sample_voxels",
-    "resample_field",
-    "warp_to_grid",
-    "field_to_voxel_ddf",
     "read_displacement_field",
-    "map_points",
     "to_sitk_image",
     "ras_affine_of",
     "ras_matrix",
@@ -41,124 +33,6 @@ __all__ = [
     "foreground_grid",
     "resample_to_grid",
 ]
-
-
-def voxel_grid(shape: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Voxel indices ``(3, *shape)`` of a grid (channel ``i`` = index along axis ``i``)."""
-    axes = [torch.arange(int(n), dtype=dtype) for n in shape]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
-
-
-def apply_matrix(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    """A ``(4, 4)`` matrix applied to points ``(3, *S)``, in the points' dtype: the one homogeneous point map
-    behind :func:`world_to_voxel`, :func:`voxel_to_world` and the affine stage's fixed -> moving RAS map."""
-    a = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=points.dtype)
-    return torch.einsum("ij,j...->i...", a[:3, :3], points) + a[:3, 3].reshape(3, *([1] * (points.ndim - 1)))
-
-
-def world_to_voxel(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """Map world points ``(3, *S)`` (RAS mm) to continuous voxel indices ``(3, *S)`` of a grid with ``affine``."""
-    return apply_matrix(np.linalg.inv(as_affine(affine)), points)
-
-
-def voxel_to_world(index: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """Map voxel indices ``(3, *S)`` of a grid with ``affine`` to world points ``(3, *S)`` (RAS mm)."""
-    return apply_matrix(as_affine(affine), index)
-
-
-def sample_voxels(
-    image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
-) -> torch.Tensor:
-    """Sample ``image`` at continuous voxel indices: ``out(y) = image(coords(y))``.
-
-    :func:`ran_bundle.networks.blocks.warp` (the package's one sampling function) with the displacement
-    ``coords - y``; the output grid may differ from the input grid.
-
-    Args:
-        image: ``(1, C, *S_in)`` (integer dtypes allowed with ``mode="nearest"``).
-        coords: ``(3, *S_out)`` or ``(1, 3, *S_out)`` voxel indices of ``image`` (float).
-        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
-        padding_mode: ``"zeros"`` (outside is 0) or ``"border"`` (outside takes the nearest edge value).
-
-    Returns:
-        ``(1, C, *S_out)``, ``image``'s dtype for ``mode="nearest"``, float32 otherwise.
-    """
-    if coords.ndim == 4:
-        coords = coords[None]
-    in_dtype = image.dtype
-    ddf = coords.float() - voxel_grid(coords.shape[2:], torch.float32)[None]
-    out = warp(image.float(), ddf, mode=mode, padding_mode=padding_mode)
-    if mode == "nearest" and not in_dtype.is_floating_point:
-        out = out.round().to(in_dtype)
-    return out
-
-
-def resample_field(
-    field: torch.Tensor, affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray
-) -> torch.Tensor:
-    """Resample a world displacement field onto another grid (trilinear, edge values outside).
-
-    Args:
-        field: ``(1, 3, *S)`` or ``(3, *S)`` displacement in mm (RAS) on the grid ``affine``.
-        affine: ``(4, 4)`` RAS affine of ``field``'s grid.
-        shape: spatial shape of the target grid.
-        target_affine: its ``(4, 4)`` RAS affine.
-
-    Returns:
-        ``(1, 3, *shape)`` float32: ``v`` at the target voxel centres.
-    """
-    field = field[None] if field.ndim == 4 else field
-    target_to_source = np.linalg.inv(as_affine(affine)) @ as_affine(target_affine)  # one map of voxel indices
-    coords = apply_matrix(target_to_source, voxel_grid(shape))
-    return sample_voxels(field.float(), coords, mode="bilinear", padding_mode="border")
-
-
-def warp_to_grid(
-    image: torch.Tensor,
-    image_affine: np.ndarray,
-    field: torch.Tensor,
-    field_affine: np.ndarray,
-    mode: str = "bilinear",
-) -> torch.Tensor:
-    """Pull ``image`` onto a field's grid: ``out(p) = image(p + v(p))`` for every voxel centre ``p``.
-
-    Equivalent to ``sitk.Resample(image, reference, sitk.DisplacementFieldTransform(field))`` with
-    zero outside the image.
-
-    Args:
-        image: ``(1, C, *S_in)`` on the grid ``image_affine`` (RAS).
-        image_affine: ``(4, 4)`` RAS affine of ``image``.
-        field: ``(1, 3, *S)`` or ``(3, *S)`` world displacement (mm, RAS) on the grid ``field_affine``.
-        field_affine: ``(4, 4)`` RAS affine of the output grid.
-        mode: ``"bilinear"`` for images, ``"nearest"`` for label maps (dtype kept).
-
-    Returns:
-        ``(1, C, *S)`` on the field's grid.
-    """
-    field = field[0] if field.ndim == 5 else field
-    points = voxel_to_world(voxel_grid(field.shape[1:]), field_affine) + field.to(torch.float64)
-    return sample_voxels(image, world_to_voxel(points, image_affine), mode=mode, padding_mode="zeros")
-
-
-def field_to_voxel_ddf(field: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
-    """World displacement (mm, RAS) -> voxel DDF of the same grid: ``u = L^-1 v`` (``L`` = linear part of ``affine``).
-
-    The inverse of :func:`ran_bundle.fields.ddf_voxel_to_mm` without moving affine, so
-    :func:`~ran_bundle.fields.write_displacement_nifti` and :mod:`ran_bundle.metrics` can be used
-    on fields that live on the original image grids. ``det(I + grad u)`` is the Jacobian determinant
-    of the world mapping ``p -> p + v(p)``.
-
-    Args:
-        field: ``(1, 3, *S)`` or ``(3, *S)``.
-        affine: ``(4, 4)`` RAS affine of the grid.
-
-    Returns:
-        ``(1, 3, *S)`` float32.
-    """
-    field = field[None] if field.ndim == 4 else field
-    field = field if field.dtype in (torch.float32, torch.float64) else field.float()
-    inv = torch.as_tensor(np.linalg.inv(as_affine(affine)[:3, :3]), dtype=field.dtype)
-    return torch.einsum("ij,bj...->bi...", inv, field).float()  # in the field's precision: float32 on a 1 mm grid
 
 
 def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.ndarray]:
@@ -173,12 +47,8 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.n
 
     Raises:
         InputError: file missing, unreadable, truncated or corrupt (SimpleITK would read a cut-off ``.nii.gz``
-            silently, :func:`~ran_bundle.checks.check_complete_file`), or not a 3D field of 3-vectors.
+            silently, :func:`~ran_bundle.inputs.check_complete_file`), or not a 3D field of 3-vectors.
     """
-    import SimpleITK as sitk
-
-    from ran_bundle.checks import check_complete_file
-
     p = os.fspath(path)
     if not os.path.isfile(p):
         raise InputError(f"field {p}: file not found.")
@@ -201,33 +71,6 @@ def read_displacement_field(path: str | os.PathLike) -> tuple[torch.Tensor, np.n
     affine_lps = np.eye(4)
     affine_lps[:3, :3], affine_lps[:3, 3] = lin_lps, img.GetOrigin()
     return torch.from_numpy(np.ascontiguousarray(vec))[None], RAS_TO_LPS @ affine_lps
-
-
-def map_points(points: np.ndarray, field: torch.Tensor, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Map world points by a displacement field: ``p -> p + v(p)`` (ITK's ``TransformPoint``).
-
-    ``v`` is interpolated trilinearly (edge values in the outer half voxel). Points outside the
-    field's grid (beyond half a voxel from the edge centres) keep ``v = 0``, as ITK does.
-
-    Args:
-        points: ``(N, 3)`` RAS mm.
-        field: ``(1, 3, *S)`` or ``(3, *S)`` displacement (mm, RAS) on the grid ``affine``.
-        affine: ``(4, 4)`` RAS affine.
-
-    Returns:
-        ``(mapped, inside)``: ``(N, 3)`` float64 RAS mm and an ``(N,)`` bool array.
-    """
-    pts = torch.as_tensor(np.asarray(points, dtype=np.float64).reshape(-1, 3))
-    if pts.shape[0] == 0:
-        return pts.numpy().copy(), np.zeros(0, dtype=bool)
-    field = field[None] if field.ndim == 4 else field
-    idx = world_to_voxel(pts.T.contiguous(), affine)  # (3, N)
-    sizes = torch.tensor(field.shape[2:], dtype=torch.float64)[:, None]
-    inside = ((idx >= -0.5) & (idx <= sizes - 0.5)).all(0)
-    v = sample_voxels(field.float(), idx[None, :, :, None, None], "bilinear", "border")
-    v = v[0, :, :, 0, 0].to(torch.float64)  # (3, N)
-    v[:, ~inside] = 0.0
-    return (pts + v.T).numpy(), inside.numpy()
 
 
 def to_sitk_image(array: np.ndarray, affine: np.ndarray) -> sitk.Image:

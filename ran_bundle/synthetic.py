@@ -5,12 +5,12 @@ random known displacement field "combining rigid spatial transformation and defo
 supervised loss of :class:`~ran_bundle.losses.SyntheticFieldLoss` (0.1 image MSE + 1 field MSE +
 1 smoothness), before the unsupervised training on real pairs. This module builds such pairs.
 
-Field convention (that of :mod:`ran_bundle.fields`): a DDF ``u`` is ``(d, *S)`` (or ``(B, d, *S)``)
+Field convention (that of :mod:`ran_bundle.flow`): a DDF ``u`` is ``(d, *S)`` (or ``(B, d, *S)``)
 in **voxel** units on the image grid, channel ``i`` along array axis ``i``, and
 
     ``fixed(x) = moving(x + u(x))``
 
-(trilinear for images, nearest neighbour for labels, :func:`ran_bundle.networks.blocks.warp`). The
+(trilinear for images, nearest neighbour for labels, :func:`ran_bundle.flow.warp`). The
 moving image is the input image; the fixed image is the input warped by the field, so the network,
 given ``cat[moving, fixed]``, must predict exactly ``u``.
 
@@ -38,7 +38,7 @@ Pieces:
 - fields: :func:`rotation_matrix`, :func:`random_rotation`, :func:`rigid_field`,
   :func:`control_grid_shape`, :func:`bspline_field`, :func:`synthetic_field`, :func:`field_statistics`;
 - transforms: :class:`RandSyntheticDeformationd` (one image [+ label] -> a pair dict with the true
-  field under :data:`TRUE_DDF`) and :func:`synthetic_pair_transforms` (load, orient, resample,
+  field under :data:`~ran_bundle.keys.TRUE_DDF`) and :func:`synthetic_pair_transforms` (load, orient, resample,
   intensity, crop/pad, deform);
 - data: :class:`SyntheticPairDataset` (random samples for training, seeded fixed samples for
   validation);
@@ -46,7 +46,7 @@ Pieces:
   map, as SynthSeg), for tests of cross-contrast registration; the images it makes are synthetic;
 - evaluation: :func:`end_point_error`, :class:`EndPointError` (a MONAI metric) and
   :func:`load_pretrained` (model-only, strict weight loading of a pretraining checkpoint, through
-  :func:`ran_bundle.checks.read_state_dict`); the trainer
+  :func:`ran_bundle.inputs.read_state_dict`); the trainer
   and evaluator steps of the pretraining are :class:`ran_bundle.engines.SyntheticTrainStep` and
   :class:`ran_bundle.engines.SyntheticEvalStep`.
 
@@ -89,15 +89,13 @@ from monai.transforms import (
 from monai.utils import MetricReduction
 from torch.utils.data import Dataset
 
-from ran_bundle.checks import InputError, check_state_dict_fits, read_state_dict
-from ran_bundle.data import PAIR_KEYS
-from ran_bundle.fields import spacing_of
+from ran_bundle.flow import spacing_of, warp
+from ran_bundle.inputs import InputError, check_state_dict_fits, read_state_dict
+from ran_bundle.keys import FIXED_IMAGE, FIXED_LABEL, IMAGE, LABEL, MOVING_IMAGE, MOVING_LABEL, TRUE_DDF
 from ran_bundle.metrics import jacobian_determinant, non_positive_jacobian
-from ran_bundle.networks.blocks import warp
 from ran_bundle.transforms import CT_WINDOW
 
 __all__ = [
-    "TRUE_DDF",
     "IMAGE",
     "LABEL",
     "FOLD_FREE_FACTOR",
@@ -117,9 +115,6 @@ __all__ = [
     "synthetic_contrast",
 ]
 
-MOVING, FIXED, MOVING_LABEL, FIXED_LABEL = PAIR_KEYS
-TRUE_DDF = "true_ddf"
-IMAGE, LABEL = "image", "label"
 # sufficient injectivity bound of uniform cubic B-splines (Choi & Lee 2000): |c_i| < delta_i / K,
 # K = 2.479 in 3D and 2.046 in 2D; our caps stay just below 1 / K
 FOLD_FREE_FACTOR = {2: 0.48, 3: 0.4}
@@ -505,7 +500,7 @@ class RandSyntheticDeformationd(RandomizableTransform, MapTransform):
         self.randomize(shape, spacing)
         field = self._field.to(torch.float32)
         fixed = self._warp(image, field, "bilinear")
-        d[MOVING], d[FIXED] = image, fixed
+        d[MOVING_IMAGE], d[FIXED_IMAGE] = image, fixed
         label = d.get(self.label_key) if self.label_key else None
         if label is not None:
             if not isinstance(label, torch.Tensor):
@@ -516,7 +511,7 @@ class RandSyntheticDeformationd(RandomizableTransform, MapTransform):
         d[self.ddf_key] = field
         if self.remove_source:
             for key in (self.image_key, self.label_key):
-                if key is not None and key not in (MOVING, FIXED, MOVING_LABEL, FIXED_LABEL, self.ddf_key):
+                if key is not None and key not in (MOVING_IMAGE, FIXED_IMAGE, MOVING_LABEL, FIXED_LABEL, self.ddf_key):
                     d.pop(key, None)
         return d
 
@@ -598,9 +593,9 @@ def synthetic_pair_transforms(
     deformation.setdefault("label_key", LABEL if with_labels else None)
     xforms.append(RandSyntheticDeformationd(image_key=IMAGE, **deformation))
     if mode == "train" and intensity_scale > 0:
-        xforms.append(RandScaleIntensityd(keys=[MOVING, FIXED], factors=float(intensity_scale), prob=1.0))
+        xforms.append(RandScaleIntensityd(keys=[MOVING_IMAGE, FIXED_IMAGE], factors=float(intensity_scale), prob=1.0))
     ddf_key = deformation.get("ddf_key", TRUE_DDF)
-    xforms.append(EnsureTyped(keys=[MOVING, FIXED, ddf_key], dtype=torch.float32))
+    xforms.append(EnsureTyped(keys=[MOVING_IMAGE, FIXED_IMAGE, ddf_key], dtype=torch.float32))
     if with_labels:
         xforms.append(EnsureTyped(keys=[MOVING_LABEL, FIXED_LABEL], dtype=torch.float32))
     return Compose(xforms)
@@ -765,7 +760,7 @@ def load_pretrained(
 
     The Python counterpart of ``configs/train.json``'s ``--pretrained_ckpt``: start from a pretraining
     checkpoint (``runs/pretrain/model.pt`` holds ``{"model", "optimizer", "lr_scheduler"}``; only the
-    model is taken) or a plain state dict, read as every weight file is (:func:`ran_bundle.checks.read_state_dict`:
+    model is taken) or a plain state dict, read as every weight file is (:func:`ran_bundle.inputs.read_state_dict`:
     a DDP ``"module."`` prefix is removed). ``ckpt=None`` returns ``network`` unchanged.
 
     Raises:

@@ -68,9 +68,9 @@ from monai.transforms import (
 from monai.transforms.inverse import InvertibleTransform
 
 from ran_bundle.affine import AFFINE_STAGES, read_transform, register_affine, write_transform
-from ran_bundle.data import PAIR_KEYS, TEACHER_DDF
 from ran_bundle.defaults import CT_WINDOW
 from ran_bundle.fields import atomic_write
+from ran_bundle.keys import IMAGE_KEYS, LABEL_KEYS, PAIR_KEYS, TEACHER_DDF
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid
 
 __all__ = [
@@ -87,8 +87,6 @@ __all__ = [
     "registration_transforms",
 ]
 
-IMAGE_KEYS = PAIR_KEYS[:2]
-LABEL_KEYS = PAIR_KEYS[2:]
 MR_PERCENTILES = (0.5, 99.5)
 _MODES = ("train", "eval", "infer")
 INTENSITIES = ("ct", "mr", "none")

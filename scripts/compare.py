@@ -8,7 +8,7 @@ edge-aware smoothness), every step being the package's training step
 (:func:`ran_bundle.engines.registration_train_step`). The network's weights are seeded with ``--seed`` too. The
 models are built by :func:`scripts.peers.build_model` (VoxelMorph: ``monai.networks.nets.VoxelMorph`` defaults up
 to its DDF; LocalNet: 32 initial channels, levels 0-3) and every DDF warps the moving image with
-:func:`ran_bundle.networks.blocks.warp`.
+:func:`ran_bundle.flow.warp`.
 
 Evaluation (:mod:`ran_bundle.evaluation`): the ``test_pairs`` of the datalist (the ``validation_pairs`` when
 there are none), preprocessed like the bundle's evaluation (:func:`ran_bundle.transforms.registration_transforms`
@@ -62,10 +62,10 @@ from tqdm import tqdm
 # the bundle root: scripts.* when run as a file, and ran_bundle from the release zip (not installed there)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ran_bundle.checks import check_state_dict_fits, read_state_dict
 from ran_bundle.data import RandomPairDataset, load_datalist
 from ran_bundle.engines import NonFiniteLossError, prepare_batch, registration_train_step
 from ran_bundle.evaluation import evaluate_model, evaluation_pairs, label_names
+from ran_bundle.inputs import check_state_dict_fits, read_state_dict
 from ran_bundle.losses import RegistrationLoss
 from ran_bundle.metrics import summarise
 from ran_bundle.transforms import registration_transforms
@@ -146,7 +146,7 @@ def load_reference(spec: str) -> tuple[str, str, Path, torch.nn.Module]:
 
     Raises:
         ValueError: ``spec`` is not ``PRESET=CKPT`` or names an unknown model.
-        ran_bundle.checks.InputError: the checkpoint is missing, unreadable or does not fit ``PRESET``.
+        ran_bundle.inputs.InputError: the checkpoint is missing, unreadable or does not fit ``PRESET``.
     """
     preset, sep, ckpt = spec.partition("=")
     if not sep or not ckpt:
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     datalist = _in_repo(Path(args.datalist))
     try:  # a bad reference fails before any work
         references = [load_reference(spec) for spec in args.reference]
-    except ValueError as err:  # includes ran_bundle.checks.InputError
+    except ValueError as err:  # includes ran_bundle.inputs.InputError
         raise SystemExit(f"compare.py: error: {err}") from None
     data = load_datalist(datalist, base_dir=args.base_dir)
     pairs_key = "test_pairs" if data["test_pairs"] else "validation_pairs"

@@ -44,10 +44,10 @@ import torch
 from ran_bundle.apply import read_points_csv
 from ran_bundle.data import load_datalist
 from ran_bundle.evaluation import native_label_scores
-from ran_bundle.fields import ddf_voxel_to_mm
+from ran_bundle.flow import ddf_voxel_to_mm, sample_voxels, world_to_voxel
 from ran_bundle.optimise import optimise_field
 from ran_bundle.pipeline import RegistrationPipeline
-from ran_bundle.spatial import Grid, sample_voxels, sitk_affine, world_to_voxel
+from ran_bundle.spatial import Grid, sitk_affine
 from scripts import classical
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,10 +34,11 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from ran_bundle.checks import load_volume  # noqa: E402
 from ran_bundle.data import load_datalist  # noqa: E402
 from ran_bundle.evaluation import native_label_scores  # noqa: E402
-from ran_bundle.fields import ddf_voxel_to_mm, write_image_atomic  # noqa: E402
+from ran_bundle.fields import write_image_atomic  # noqa: E402
+from ran_bundle.flow import ddf_voxel_to_mm  # noqa: E402
+from ran_bundle.inputs import load_volume  # noqa: E402
 from ran_bundle.pipeline import RegistrationPipeline  # noqa: E402
 from ran_bundle.spatial import Grid, foreground_mask, sitk_affine  # noqa: E402
 from ran_bundle.synthetic import synthetic_contrast  # noqa: E402

@@ -9,7 +9,7 @@ RAS, int16 HU). Steps (deterministic for a given ``--seed``):
 2. Keep 10 abdominal organs relabelled 1..10 (:data:`LABEL_MAP`), everything else 0.
 3. Subject 0 = the real (cropped) scan. Subjects 1..N-1 = the real scan warped by a known smooth
    random field on the same grid, ``subject_k(x) = real(x + u_k(x))`` (voxel units, same convention
-   as :mod:`ran_bundle.fields`): a small rigid motion about the volume centre (rotation mostly
+   as :mod:`ran_bundle.flow`): a small rigid motion about the volume centre (rotation mostly
    in-plane) plus a Gaussian-smoothed random displacement of a few voxels; the smooth part is
    shrunk until ``min det(I + grad u) >= 0.5`` (no folding). Images: trilinear, rounded to int16;
    labels: nearest neighbour, uint8; outside the volume the border is replicated.

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ran_bundle.data import load_datalist
 from ran_bundle.engines import prepare_batch
-from ran_bundle.networks.blocks import warp
+from ran_bundle.flow import warp
 from ran_bundle.theory import preset_theory
 from ran_bundle.transforms import registration_transforms
 from scripts import figures

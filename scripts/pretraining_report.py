@@ -61,17 +61,12 @@ from monai.utils import set_determinism
 
 from ran_bundle.data import load_datalist
 from ran_bundle.engines import RegistrationTrainStep, SyntheticTrainStep, prepare_batch
+from ran_bundle.flow import warp
+from ran_bundle.keys import TRUE_DDF
 from ran_bundle.losses import RegistrationLoss, SyntheticFieldLoss
 from ran_bundle.metrics import dice, non_positive_jacobian
 from ran_bundle.networks import ResidualAlignerNetwork
-from ran_bundle.networks.blocks import warp
-from ran_bundle.synthetic import (
-    TRUE_DDF,
-    SyntheticPairDataset,
-    end_point_error,
-    load_pretrained,
-    synthetic_pair_transforms,
-)
+from ran_bundle.synthetic import SyntheticPairDataset, end_point_error, load_pretrained, synthetic_pair_transforms
 from scripts.peers import local_net
 
 REPO = Path(__file__).resolve().parents[1]

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ran_bundle.engines import registration_train_step
+from ran_bundle.flow import warp
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
-from ran_bundle.networks.blocks import warp
 from ran_bundle.synthetic import bspline_field
 from ran_bundle.transforms import CT_WINDOW
 from scripts.peers import local_net

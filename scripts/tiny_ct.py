@@ -1,12 +1,12 @@
 """The known smooth random fields of ``data/tiny_ct`` (numpy and scipy, voxel units).
 
 A field ``u`` is ``(3, *S)`` in voxels of the image grid, channel ``i`` along array axis ``i``, and a warped image
-is ``volume(x + u(x))``, the convention of :mod:`ran_bundle.fields`. :func:`random_field` is the field that
+is ``volume(x + u(x))``, the convention of :mod:`ran_bundle.flow`. :func:`random_field` is the field that
 ``scripts/make_tiny_dataset.py`` warps the real scan with; ``scripts/paper_figures.py`` makes its known-field pair
 with it too. Needs scipy, which the package does not depend on.
 
 :func:`warp_volume` samples with scipy in float64 rather than with the package's one warp
-(:func:`ran_bundle.networks.blocks.warp`, float32 ``grid_sample``): it is what built the committed
+(:func:`ran_bundle.flow.warp`, float32 ``grid_sample``): it is what built the committed
 ``data/tiny_ct``, and rebuilding the data set must give the same files.
 """
 

@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from ran_bundle.affine import read_transform, register_affine, write_transform
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.spatial import ras_matrix, sitk_affine
 
 MINDBOGGLE = "mindboggle_oasis_trt20/oasis_trt_{:02d}"

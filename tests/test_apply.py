@@ -18,17 +18,11 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.apply import read_points_csv, warp_image_file, warp_points_file, write_points_csv
-from ran_bundle.checks import InputError
 from ran_bundle.cli import warp_main, warp_parser
-from ran_bundle.fields import ddf_voxel_to_mm, warp_image, write_displacement_nifti, write_image_atomic
-from ran_bundle.spatial import (
-    field_to_voxel_ddf,
-    map_points,
-    read_displacement_field,
-    sample_voxels,
-    to_sitk_image,
-    warp_to_grid,
-)
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, sample_voxels, warp_image, warp_to_grid
+from ran_bundle.inputs import InputError
+from ran_bundle.spatial import read_displacement_field, to_sitk_image
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 #: a non-RAS header: file axes point P, S and L (not R, A, S), voxels 1.5 x 2.5 x 2 mm, origin off zero
@@ -105,7 +99,7 @@ def test_sample_voxels_is_the_package_warp_on_other_grids():
     ddf = smooth_field((12, 10, 9), seed=2)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (12, 10, 9)], indexing="ij")).double()
     coords = grid[None] + ddf.double()
-    same = sample_voxels(img, coords)  # same grid: routed through fields.warp_image
+    same = sample_voxels(img, coords)  # same grid: routed through flow.warp
     assert torch.allclose(same, warp_image(img, ddf), atol=1e-6)
     # a smaller output grid takes the grid_sample path: it must give the same values
     other = sample_voxels(img, coords[..., :-2])
@@ -133,7 +127,7 @@ def test_read_displacement_field_inverts_the_writer(tmp_path: Path):
 
 
 def test_warp_to_grid_equals_simpleitk_resample(field_and_image):
-    """Our torch warp (``spatial.warp_to_grid``, what the pipeline uses) and ``sitk.Resample`` with the written
+    """Our torch warp (``flow.warp_to_grid``, whose mapping the pipeline uses) and ``sitk.Resample`` with the written
     field (what ``ran-warp`` and every ITK tool use) agree on oblique, offset grids."""
     d = field_and_image
     v, affine = read_displacement_field(d["ddf"])

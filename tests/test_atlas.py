@@ -25,7 +25,7 @@ from monai.bundle import ConfigParser
 from monai.inferers import SimpleInferer
 
 from ran_bundle.atlas import ATLAS_STATE_KEY, AtlasRegistrationd, load_label_names
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.metrics import dice_per_label
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ran_bundle.batch import PairJob, atlas_pairs, batch_main, read_pairs_csv
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 #: quick pipeline options for the small pairs

@@ -48,7 +48,7 @@ def test_recipe_records_its_settings():
 def test_the_voxelmorph_peer_config_builds_the_network_of_its_shipped_weights():
     """scripts/brain_voxelmorph.json over the brain recipe builds scripts.peers.VoxelMorphDDF, and the shipped peer
     weights (what scripts/compare_brain.py loads) fit it strictly."""
-    from ran_bundle.checks import check_state_dict_fits, read_state_dict
+    from ran_bundle.inputs import check_state_dict_fits, read_state_dict
     from scripts.peers import VoxelMorphDDF
 
     parser = ConfigParser()

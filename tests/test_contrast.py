@@ -52,7 +52,7 @@ def test_synthetic_contrast_gives_each_structure_its_own_random_intensity():
 
 
 def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_start_and_weight_by_similarity():
-    from ran_bundle.checks import InputError
+    from ran_bundle.inputs import InputError
 
     for kwargs, flag in (({"similarity": "mi"}, "--similarity"), ({"io_start": "atlas"}, "io_start")):
         with pytest.raises(InputError, match=flag):

@@ -1,4 +1,4 @@
-"""Truncated and damaged input files are refused with one line naming the file (:func:`ran_bundle.checks.
+"""Truncated and damaged input files are refused with one line naming the file (:func:`ran_bundle.inputs.
 check_complete_file`), where the readers would not notice: SimpleITK reads a cut-off ``.nii.gz`` without an
 error (the missing voxels become zeros), ``torch.load`` a checkpoint with damaged tensor bytes."""
 
@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ran_bundle.checks import InputError, check_complete_file, load_volume, read_state_dict
 from ran_bundle.fields import write_displacement_nifti
+from ran_bundle.inputs import InputError, check_complete_file, load_volume, read_state_dict
 from ran_bundle.spatial import read_displacement_field
 
 REPO = Path(__file__).resolve().parents[1]

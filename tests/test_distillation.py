@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from ran_bundle.data import TEACHER_DDF, make_pair
+from ran_bundle.data import make_pair
 from ran_bundle.distillation import TeacherFieldd, teacher_file
 from ran_bundle.engines import registration_train_step
 from ran_bundle.fields import write_image_atomic
+from ran_bundle.flow import warp
+from ran_bundle.keys import TEACHER_DDF
 from ran_bundle.losses import RegistrationLoss, end_point_error
-from ran_bundle.networks.blocks import warp
 from ran_bundle.transforms import registration_transforms
 
 SHAPE = (32, 32, 32)

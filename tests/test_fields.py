@@ -11,13 +11,8 @@ import SimpleITK as sitk
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ran_bundle.fields import (
-    ddf_voxel_to_mm,
-    to_itk_displacement,
-    warp_image,
-    write_displacement_nifti,
-    write_image_atomic,
-)
+from ran_bundle.fields import to_itk_displacement, write_displacement_nifti, write_image_atomic
+from ran_bundle.flow import ddf_voxel_to_mm, warp_image
 
 AFFINE = np.array(
     [

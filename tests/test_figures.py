@@ -14,10 +14,11 @@ pytest.importorskip("matplotlib")
 
 from ran_bundle import figures  # noqa: E402
 from ran_bundle.affine import AffineResult  # noqa: E402
-from ran_bundle.checks import InputError, Volume  # noqa: E402
 from ran_bundle.figures import COLUMNS, ROWS, overview_figure, overview_png, require_matplotlib  # noqa: E402
+from ran_bundle.flow import voxel_grid, voxel_to_world  # noqa: E402
+from ran_bundle.inputs import InputError, Volume  # noqa: E402
 from ran_bundle.pipeline import NetworkPair, PairInputs, Registration  # noqa: E402
-from ran_bundle.spatial import Grid, sitk_affine, voxel_grid, voxel_to_world  # noqa: E402
+from ran_bundle.spatial import Grid, sitk_affine  # noqa: E402
 
 SHAPE = (20, 16, 24)
 #: file axes: i -> patient's left (x decreasing, 2 mm), j -> superior (z, 3 mm), k -> posterior (y decreasing, 1.5 mm)

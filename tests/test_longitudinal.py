@@ -19,7 +19,7 @@ import torch
 
 from ran_bundle.cli import LONGITUDINAL, pipeline_options, register_parser
 from ran_bundle.fields import write_image_atomic
-from ran_bundle.networks.blocks import warp
+from ran_bundle.flow import warp
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, RegistrationPipeline
 from ran_bundle.spatial import foreground_mask
 from ran_bundle.synthetic import bspline_field, control_grid_shape

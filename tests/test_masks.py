@@ -27,9 +27,9 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import register_affine
-from ran_bundle.checks import InputError
 from ran_bundle.cli import register_main
 from ran_bundle.fields import write_image_atomic
+from ran_bundle.inputs import InputError
 from ran_bundle.metrics import dice_per_label
 from ran_bundle.optimise import optimise_field
 from ran_bundle.pipeline import RegistrationPipeline

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from ran_bundle.flow import warp
 from ran_bundle.losses import RegistrationLoss
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 from ran_bundle.networks.blocks import (
@@ -19,7 +20,6 @@ from ran_bundle.networks.blocks import (
     SharedHeads,
     resize_nearest_like,
     scalar_norm_reference,
-    warp,
 )
 
 #: exact parameter counts in 3D; ``ref`` is the released checkpoint's, the others sit 5-8 % below the paper's

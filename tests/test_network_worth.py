@@ -21,10 +21,11 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from ran_bundle.checks import InputError
 from ran_bundle.cli import register_main
 from ran_bundle.data import load_datalist
-from ran_bundle.fields import ddf_voxel_to_mm, write_image_atomic
+from ran_bundle.fields import write_image_atomic
+from ran_bundle.flow import ddf_voxel_to_mm
+from ran_bundle.inputs import InputError
 from ran_bundle.pipeline import RegistrationPipeline
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,12 +19,18 @@ import pytest
 import torch
 
 from ran_bundle import outputs
-from ran_bundle.checks import InputError
+from ran_bundle.inputs import InputError
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.outputs import COMPLETE_MARKER, KNOWN_OUTPUTS, OutputFolder, write_json
 from ran_bundle.pipeline import RegistrationPipeline
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+#: every name ``ran-register`` writes, by role: :meth:`RegistrationPipeline.files` with a moving label, the inverse
+#: and the PNG
+PIPELINE = RegistrationPipeline(network=ResidualAlignerNetwork(3, "ref"), device="cpu")
+NAMES = PIPELINE.files(SimpleNamespace(warped_label=torch.zeros(1), inverse_field=torch.zeros(1)), png=True)
 
 
 def run_into(out: Path, files: dict[str, str]) -> OutputFolder:
@@ -59,30 +65,28 @@ def sleeper():
 def test_known_outputs_are_what_ran_register_writes():
     """The folder knows every name the pipeline can write (:meth:`RegistrationPipeline.files` with a moving
     label, the inverse and the PNG), no other, and marks completion with the pipeline's report, written last."""
-    pipeline = RegistrationPipeline(network=ResidualAlignerNetwork(3, "ref"), device="cpu")
-    everything = pipeline.files(SimpleNamespace(warped_label=torch.zeros(1), inverse_field=torch.zeros(1)), png=True)
-    least = pipeline.files(SimpleNamespace(warped_label=None, inverse_field=None))
-    assert set(KNOWN_OUTPUTS) == set(everything.values()) and set(least.values()) < set(everything.values())
-    assert list(least.values())[-1] == list(everything.values())[-1] == everything["report"] == COMPLETE_MARKER
+    least = PIPELINE.files(SimpleNamespace(warped_label=None, inverse_field=None))
+    assert set(KNOWN_OUTPUTS) == set(NAMES.values()) and set(least.values()) < set(NAMES.values())
+    assert list(least.values())[-1] == list(NAMES.values())[-1] == NAMES["report"] == COMPLETE_MARKER
 
 
 def test_rerun_leaves_exactly_this_runs_outputs(tmp_path):
     out = tmp_path / "out"
-    run_into(out, {"warped.nii.gz": "old", "report.json": "old", "overview.png": "old", "inverse_ddf.nii.gz": "old"})
+    run_into(out, {NAMES[role]: "old" for role in ("warped", "report", "overview_png", "inverse_ddf")})
     (out / "notes.txt").write_text("mine")
-    folder = run_into(out, {"warped.nii.gz": "new", "report.json": "new"})
-    assert listing(out) == {"warped.nii.gz", "report.json", "notes.txt"}
-    assert (out / "warped.nii.gz").read_text() == "new" and (out / "report.json").read_text() == "new"
+    folder = run_into(out, {NAMES["warped"]: "new", NAMES["report"]: "new"})
+    assert listing(out) == {NAMES["warped"], NAMES["report"], "notes.txt"}
+    assert (out / NAMES["warped"]).read_text() == "new" and (out / NAMES["report"]).read_text() == "new"
     assert (out / "notes.txt").read_text() == "mine"
-    assert folder.written == ["warped.nii.gz", "report.json"]
-    assert sorted(folder.removed) == ["inverse_ddf.nii.gz", "overview.png"]
+    assert folder.written == [NAMES["warped"], NAMES["report"]]
+    assert sorted(folder.removed) == [NAMES["inverse_ddf"], NAMES["overview_png"]]
     assert listing(tmp_path) == {"out"}, "staging folder or lock file left behind"
 
 
 def test_new_folder_with_missing_parents_and_umask_mode(tmp_path):
     out = tmp_path / "a" / "b" / "out"
-    run_into(out, {"report.json": "{}"})
-    assert listing(out) == {"report.json"}
+    run_into(out, {NAMES["report"]: "{}"})
+    assert listing(out) == {NAMES["report"]}
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "the staging folder's private 0700 mode was kept"
@@ -93,42 +97,42 @@ def test_failure_removes_the_parents_it_created(tmp_path):
     out = tmp_path / "a" / "b" / "out"
     with pytest.raises(RuntimeError, match="boom"):
         with OutputFolder(out) as folder, folder.stage() as tmp:
-            (tmp / "report.json").write_text("{}")
+            (tmp / NAMES["report"]).write_text("{}")
             raise RuntimeError("boom")
     assert listing(tmp_path) == set()
 
 
 def test_report_is_deleted_first_and_moved_in_last(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_into(out, {"report.json": "old", "warped.nii.gz": "old"})
+    run_into(out, {NAMES["report"]: "old", NAMES["warped"]: "old"})
     replaced = []
     real_replace = os.replace
 
     def spy(src, dst):
-        replaced.append((Path(dst).name, (out / "report.json").exists()))
+        replaced.append((Path(dst).name, (out / NAMES["report"]).exists()))
         real_replace(src, dst)
 
     monkeypatch.setattr(outputs.os, "replace", spy)
-    run_into(out, {"report.json": "new", "warped.nii.gz": "new", "ddf.nii.gz": "new"})
+    run_into(out, {NAMES["report"]: "new", NAMES["warped"]: "new", NAMES["ddf"]: "new"})
     names = [name for name, _ in replaced if name in KNOWN_OUTPUTS]
-    assert names[-1] == "report.json"
-    assert not any(report_there for name, report_there in replaced if name != "report.json"), (
+    assert names[-1] == NAMES["report"]
+    assert not any(report_there for name, report_there in replaced if name != NAMES["report"]), (
         "an old report.json marked the folder complete while it was being updated"
     )
 
 
 def test_keyboard_interrupt_in_stage_cleans_up_and_releases(tmp_path):
     out = tmp_path / "out"
-    run_into(out, {"report.json": "old", "warped.nii.gz": "old"})
+    run_into(out, {NAMES["report"]: "old", NAMES["warped"]: "old"})
     folder = OutputFolder(out)
     with pytest.raises(KeyboardInterrupt):
         with folder, folder.stage() as tmp:
-            (tmp / "warped.nii.gz").write_text("partial")
+            (tmp / NAMES["warped"]).write_text("partial")
             raise KeyboardInterrupt
     assert listing(tmp_path) == {"out"}, "staging folder or lock left after KeyboardInterrupt"
     assert not folder.held
-    assert (out / "warped.nii.gz").read_text() == "old" and (out / "report.json").read_text() == "old"
-    run_into(out, {"report.json": "new"})  # the lock is free again
+    assert (out / NAMES["warped"]).read_text() == "old" and (out / NAMES["report"]).read_text() == "old"
+    run_into(out, {NAMES["report"]: "new"})  # the lock is free again
 
 
 def test_second_writer_is_refused_naming_folder_and_pid(tmp_path):
@@ -160,8 +164,8 @@ def test_second_writer_in_another_process(tmp_path):
         child.send_signal(signal.SIGKILL)
         child.wait()
     assert (out.parent / f".{out.name}.lock").exists(), "the killed process left no lock (nothing tested)"
-    run_into(out, {"report.json": "{}"})
-    assert listing(out) == {"report.json"} and listing(tmp_path) == {"out"}
+    run_into(out, {NAMES["report"]: "{}"})
+    assert listing(out) == {NAMES["report"]} and listing(tmp_path) == {"out"}
 
 
 def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path, sleeper):
@@ -169,7 +173,7 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path, sleeper):
     out.mkdir()
     dead = tmp_path / f".out.tmp-{dead_pid()}-k3j_x9"
     dead.mkdir()
-    (dead / "warped.nii.gz").write_text("partial")
+    (dead / NAMES["warped"]).write_text("partial")
     live = tmp_path / f".out.tmp-{sleeper.pid}-a8b2cd"
     live.mkdir()
     other = tmp_path / ".other.tmp-123-abc"  # another folder's staging: not ours to judge
@@ -285,8 +289,8 @@ def test_symlinked_out_locks_the_real_folder(tmp_path):
     with OutputFolder(link):
         with pytest.raises(InputError, match="is writing into this folder"):
             OutputFolder(real).acquire()
-    run_into(link, {"report.json": "{}"})
-    assert listing(real) == {"report.json"} and link.is_symlink()
+    run_into(link, {NAMES["report"]: "{}"})
+    assert listing(real) == {NAMES["report"]} and link.is_symlink()
 
 
 def test_write_json(tmp_path):

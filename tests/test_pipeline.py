@@ -27,23 +27,14 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from ran_bundle.affine import AffineResult, write_transform
-from ran_bundle.checks import InputError, load_network, parse_spacing, resolve_device
 from ran_bundle.cli import register_main
-from ran_bundle.fields import ddf_voxel_to_mm, write_displacement_nifti, write_image_atomic
+from ran_bundle.fields import write_displacement_nifti, write_image_atomic
+from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, voxel_grid, voxel_to_world
+from ran_bundle.inputs import InputError, load_network, parse_spacing, read_state_dict, resolve_device
 from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import finetune_network, optimise_field
 from ran_bundle.pipeline import DEFAULT_WEIGHTS, NetworkPair, RegistrationPipeline
-from ran_bundle.spatial import (
-    Grid,
-    field_to_voxel_ddf,
-    foreground_mask,
-    map_points,
-    read_displacement_field,
-    sitk_affine,
-    to_sitk_image,
-    voxel_grid,
-    voxel_to_world,
-)
+from ran_bundle.spatial import Grid, foreground_mask, read_displacement_field, sitk_affine, to_sitk_image
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -181,6 +172,18 @@ def test_load_network_errors(tmp_path: Path):
         load_network(tmp_path / "absent.pt")
 
 
+def test_pipeline_holds_the_values_of_its_weight_file():
+    """Without a network the pipeline loads ``weights`` (the shipped file by default): its network's state dict is
+    the file's, value for value, not merely a network of the right type."""
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
+    torch.manual_seed(1)  # other initial weights: only the file's values can make them equal
+    loaded = RegistrationPipeline(device="cpu", progress=False).network.state_dict()
+    saved = read_state_dict(DEFAULT_WEIGHTS)
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in saved.items())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "flag"),
     [
@@ -283,7 +286,7 @@ def test_predict_amp_and_finetune_network_on_a_tiny_pair(one_thread):
 
 def test_optimise_field_lowers_the_loss_and_aligns(one_thread):
     """Instance optimisation of the field from a zero start on a pair that differs by a smooth deformation."""
-    from ran_bundle.fields import warp_image
+    from ran_bundle.flow import warp_image
 
     fixed = torch.from_numpy(phantom((32, 32, 32)))[None, None]
     fixed = fixed / fixed.max()

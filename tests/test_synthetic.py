@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from ran_bundle.checks import InputError
 from ran_bundle.engines import SyntheticTrainStep, prepare_batch
+from ran_bundle.flow import warp
+from ran_bundle.inputs import InputError
+from ran_bundle.keys import TRUE_DDF
 from ran_bundle.losses import SyntheticFieldLoss
 from ran_bundle.networks import ResidualAlignerNetwork
-from ran_bundle.networks.blocks import warp
 from ran_bundle.synthetic import (
-    TRUE_DDF,
     EndPointError,
     RandSyntheticDeformationd,
     SyntheticPairDataset,

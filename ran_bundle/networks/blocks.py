@@ -8,7 +8,8 @@ Conventions used by every block:
 
 * tensors are channel-first, ``(B, C, *spatial)`` with ``spatial`` of length ``spatial_dims`` (2 or 3);
 * a dense displacement field (DDF) is ``(B, spatial_dims, *spatial)`` in voxels of the grid it lives on,
-  channel ``i`` being the displacement along array axis ``i``; ``warp(image, ddf)(x) = image(x + ddf(x))``;
+  channel ``i`` being the displacement along array axis ``i``; ``warp(image, ddf)(x) = image(x + ddf(x))``
+  (:func:`ran_bundle.flow.warp`);
 * the two image streams (moving/source and fixed/target) share all weights, so they are processed together
   as one batch of ``2B`` samples: rows ``[:B]`` are the moving stream, rows ``[B:]`` the fixed stream.
   For a stream ``s``, ``swap_streams`` gives the other stream at the same rows, and the DDF stored at the
@@ -27,10 +28,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ran_bundle.flow import shape_tensor, warp
 
 T = TypeVar("T")
 
@@ -38,7 +40,6 @@ __all__ = [
     "ScalarNorm",
     "scalar_norm_reference",
     "conv_nd",
-    "warp",
     "resize_nearest_like",
     "swap_streams",
     "run_checkpointed",
@@ -164,48 +165,6 @@ def run_checkpointed(enabled: bool, function: Callable[..., T], *args) -> T:
     return function(*args)
 
 
-def _shape_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``x.shape`` as a tensor: traced as a function of the input (so a traced model runs at other sizes), and
-    as plain numbers otherwise (``torch.compile`` cannot trace ``torch._shape_as_tensor``)."""
-    if torch.jit.is_tracing():
-        return torch._shape_as_tensor(x)
-    return torch.tensor(x.shape, device=x.device)
-
-
-def _identity_grid(ddf: torch.Tensor) -> torch.Tensor:
-    """Voxel coordinates ``(1, d, *spatial)`` of the grid of ``ddf`` ``(B, d, *spatial)``."""
-    axes = [torch.arange(n, device=ddf.device, dtype=ddf.dtype) for n in ddf.shape[2:]]
-    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
-
-
-def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros") -> torch.Tensor:
-    """Warp ``image`` by a voxel DDF: ``out(x) = image(x + ddf(x))``, the package's one sampling function.
-
-    The same convention as MONAI's :class:`monai.networks.blocks.Warp` (``grid_sample`` with
-    ``align_corners=True``: index ``i`` is the centre of voxel ``i``), written so that it traces for any input
-    size. ``ddf`` lives on the output grid and ``x + ddf(x)`` are voxel indices of ``image``'s grid, which may
-    differ in size from the output grid (resampling between grids: :func:`ran_bundle.spatial.sample_voxels`).
-
-    Args:
-        image: ``(B, C, *spatial_in)``.
-        ddf: ``(B, spatial_dims, *spatial_out)`` displacement in voxels on the output grid.
-        mode: ``"bilinear"`` (trilinear in 3D) or ``"nearest"`` (label maps).
-        padding_mode: ``grid_sample`` padding outside the image: ``"zeros"`` (default) or ``"border"``.
-
-    Returns:
-        ``(B, C, *spatial_out)``.
-    """
-    spatial_dims = ddf.shape[1]
-    if not torch.jit.is_tracing() and (image.shape[0] != ddf.shape[0] or image.ndim != ddf.ndim):
-        raise ValueError(f"warp: image {tuple(image.shape)} and ddf {tuple(ddf.shape)} do not match")
-    sizes = _shape_tensor(image)[2:].to(ddf)
-    scale = (2.0 / (sizes - 1).clamp(min=1)).view(1, -1, *([1] * spatial_dims))
-    grid = (_identity_grid(ddf) + ddf) * scale - 1.0
-    grid = grid.permute(0, *range(2, spatial_dims + 2), 1).flip(-1)  # (B, *spatial, d), x-y-z order
-    # autocast runs grid_sample in float32; give the result back in the image's dtype
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True).to(image.dtype)
-
-
 def resize_nearest_like(x: torch.Tensor, reference: torch.Tensor, factor: int = 1) -> torch.Tensor:
     """Nearest-neighbour upsampling of ``x`` by an integer ``factor`` to the grid of ``reference``.
 
@@ -221,7 +180,7 @@ def resize_nearest_like(x: torch.Tensor, reference: torch.Tensor, factor: int = 
         ``(B, C, *large)``.
     """
     for axis in range(2, x.ndim):
-        last = _shape_tensor(x)[axis] - 1
+        last = shape_tensor(x)[axis] - 1
         index = torch.div(torch.arange(reference.shape[axis], device=x.device), factor, rounding_mode="floor")
         x = x.index_select(axis, torch.minimum(index, last.to(x.device)))
     return x
@@ -536,5 +495,5 @@ class ResidualAligner(nn.Module):
 def clamp_to_grid(ddf: torch.Tensor) -> torch.Tensor:
     """Clamp each component of ``ddf`` ``(B, d, *S)`` to ``+-(2 * S_i - 1)`` voxels, as the reference does."""
     d = ddf.shape[1]
-    bound = (_shape_tensor(ddf)[2:].to(ddf) * 2 - 1).view(1, d, *([1] * d))
+    bound = (shape_tensor(ddf)[2:].to(ddf) * 2 - 1).view(1, d, *([1] * d))
     return torch.maximum(torch.minimum(ddf, bound), -bound)

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ran_bundle.flow import warp
 from ran_bundle.networks.blocks import (
     HEAD_WEIGHTINGS,
     MotionAwareEncoder,
@@ -17,7 +18,6 @@ from ran_bundle.networks.blocks import (
     conv_nd,
     resize_nearest_like,
     run_checkpointed,
-    warp,
 )
 
 __all__ = ["RANConfig", "PRESETS", "preset_config", "RegistrationOutput", "ResidualAlignerNetwork"]

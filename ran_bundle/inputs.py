@@ -1,7 +1,9 @@
-"""Checks of user input (image files, label maps, datalists, weights) that fail early and say why.
+"""Reading user input (image files, label maps, datalists, weights, the device) that fails early and says why.
 
-Every check raises :class:`InputError` (a ``ValueError``) whose message names the file or entry and
-the problem, before any long work starts. Both front ends use them: the bundle configs (through
+:func:`load_volume` reads an image or label map into a :class:`Volume`, :func:`read_state_dict` is the one reader
+of weight files and :func:`load_network` builds the network from them, :func:`resolve_device` picks the device.
+Every check raises :class:`InputError` (a ``ValueError``) whose message names the file or entry and the problem,
+before any long work starts. Both front ends use them: the bundle configs (through
 :func:`ran_bundle.data.load_datalist` with ``check_images=True`` and
 :func:`ran_bundle.engines.check_checkpoint`) and the ``ran-register``/``ran-warp`` commands
 (:mod:`ran_bundle.pipeline`, :mod:`ran_bundle.cli`).
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ran_bundle.fields import spacing_of
+from ran_bundle.flow import spacing_of
 from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
 
 __all__ = [
@@ -180,6 +182,12 @@ class Volume:
     def tensor(self) -> torch.Tensor:
         """``(1, 1, X, Y, Z)`` float32 tensor of the array."""
         return torch.from_numpy(np.ascontiguousarray(self.array, dtype=np.float32))[None, None]
+
+    def label_tensor(self) -> torch.Tensor:
+        """``(1, 1, X, Y, Z)`` int32 tensor of a label map (float labels rounded)."""
+        arr = self.array
+        arr = arr.astype(np.int32) if arr.dtype.kind in "iub" else np.rint(arr).astype(np.int32)
+        return torch.from_numpy(np.ascontiguousarray(arr))[None, None]
 
 
 def load_volume(
