@@ -139,12 +139,20 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
     d = PIPELINE_DEFAULTS
     p.add_argument("--affine", choices=("affine", "rigid", "none"), help=f"affine stage (default {d.affine})")
     p.add_argument("--no-io", action="store_true", help="switch off the instance optimisation of the field")
-    p.add_argument(
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
         "--no-network",
         dest="io_start",
         action="store_const",
         const="zero",
         help="start the instance optimisation from a zero field instead of the network's (no weights are read)",
+    )
+    start.add_argument(
+        "--network-start",
+        dest="io_start",
+        action="store_const",
+        const="network",
+        help="start it from the network's field also where the default does not (--similarity mind)",
     )
     p.add_argument(
         "--io-iterations",

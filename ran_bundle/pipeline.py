@@ -91,10 +91,12 @@ logger = logging.getLogger(__name__)
 
 #: where the instance optimisation starts: the network's field, or the affine stage alone
 IO_STARTS = ("network", "zero")
-#: the default start and regulariser weight per similarity: with the moving image in a synthetic other contrast
-#: (Mindboggle 14 -> 13 at 3 mm, docs/register.md) MIND scored Dice 0.473 from the network's field with weight 1,
-#: against 0.438 (network) and 0.444 (zero start) with NCC's weight 10: MIND's SSD is smaller than NCC's term
-IO_START = {"ncc": "network", "mind": "network"}
+#: the default start and regulariser weight per similarity. MIND's SSD is smaller than NCC's term: with the moving
+#: image in a synthetic other contrast (Mindboggle 14 -> 13 at 3 mm) it scored Dice 0.473 with weight 1 against
+#: 0.438-0.444 with NCC's 10. On the 6 test pairs at 1 mm (scripts/compare_contrast.py, docs/register.md) MIND from
+#: a zero field scored 0.527 in 24.1 s a pair, from the network's field (trained on T1 pairs) 0.526 in 32.8 s:
+#: the network does not pay across contrasts, so ``mind`` starts from zero
+IO_START = {"ncc": "network", "mind": "zero"}
 IO_WEIGHT = {"ncc": PIPELINE_DEFAULTS.io_weight, "mind": 1.0}
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
@@ -283,7 +285,10 @@ class RegistrationPipeline:
         if not (isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0):
             raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
         if finetune_steps and io_start == "zero":
-            raise InputError("--finetune-steps fine-tunes the network: it cannot be used with --no-network.")
+            raise InputError(
+                "--finetune-steps fine-tunes the network: it needs the network's start, which --no-network (and "
+                "--similarity mind by default) leaves out; add --network-start."
+            )
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")
         for flag, value in (("--io-weight", io_weight), ("--io-fold-weight", io_fold_weight)):

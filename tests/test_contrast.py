@@ -60,6 +60,23 @@ def test_pipeline_refuses_an_unknown_similarity_or_start_and_picks_start_and_wei
     for similarity in ("ncc", "mind"):
         pipe = RegistrationPipeline(network=torch.nn.Identity(), similarity=similarity)
         assert pipe.io_start == IO_START[similarity] and pipe.io_weight == IO_WEIGHT[similarity]
+    assert IO_START == {"ncc": "network", "mind": "zero"}  # as measured on the 6 test pairs (docs/register.md)
+    with pytest.raises(InputError, match="--network-start"):
+        RegistrationPipeline(network=torch.nn.Identity(), similarity="mind", finetune_steps=5)
+    pipe = RegistrationPipeline(network=torch.nn.Identity(), similarity="mind", io_start="network", finetune_steps=5)
+    assert pipe.io_start == "network"
+
+
+def test_network_start_and_no_network_are_one_choice():
+    from ran_bundle.cli import register_parser
+
+    parser = register_parser()
+    paths = ["--fixed", "f.nii.gz", "--moving", "m.nii.gz", "--out", "o"]
+    assert parser.parse_args(paths).io_start is None  # the pipeline's default per similarity
+    assert parser.parse_args([*paths, "--network-start"]).io_start == "network"
+    assert parser.parse_args([*paths, "--no-network"]).io_start == "zero"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*paths, "--no-network", "--network-start"])
 
 
 @pytest.fixture(scope="module")
