@@ -343,7 +343,9 @@ def interrupted(pair, tmp_path_factory) -> dict:
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(interrupted):
-    assert interrupted["code"] == 130
+    # a shell reports 130 both for exit(130) and for a death by SIGINT (128 + 2), which Python chooses when a
+    # KeyboardInterrupt escapes during its shutdown (seen once on a loaded 2-core CI run): either is Ctrl-C's 130
+    assert interrupted["code"] in (130, -signal.SIGINT), interrupted["code"]
     err = interrupted["stderr"]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert err.count(ERROR) == 1 and f"{ERROR}interrupted; nothing was written\n" in err
