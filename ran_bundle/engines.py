@@ -14,7 +14,7 @@ bundle configs plug into those engines (the handlers attached to them are in :mo
 - :class:`SyntheticTrainStep`: the same for synthetic pairs with a known field (pretraining);
 - :class:`RegistrationEvalStep`: the evaluator's ``iteration_update`` (forward under no_grad, warp
   the moving label with nearest neighbour), whose ``"pred"``/``"label"`` feed
-  :class:`~ran_bundle.metrics.MeanDiceOverLabels` through ``from_engine(["pred", "label"])``;
+  :class:`~ran_bundle.handlers.MeanDiceOverLabels` through ``from_engine(["pred", "label"])``;
 - :class:`SyntheticEvalStep`: the same, passing the batch's true field on;
 - :func:`pair_name` / :func:`pair_names`: the names of the registered pairs;
 - :func:`check_checkpoint`: the configs' check of a checkpoint before any work.
@@ -385,7 +385,7 @@ class RegistrationEvalStep:
     Returns (``engine.state.output``), all batched:
         ``{"pred": warped moving label (B, 1, *S) or None, "label": fixed label (B, 1, *S) or None,
         "ddf": (B, d, *S) voxels, "warped": (B, 1, *S), "fixed": (B, 1, *S), "moving_label": ... or None}``.
-        ``from_engine(["pred", "label"])`` feeds :class:`~ran_bundle.metrics.MeanDiceOverLabels`.
+        ``from_engine(["pred", "label"])`` feeds :class:`~ran_bundle.handlers.MeanDiceOverLabels`.
     """
 
     def __call__(self, engine: Engine, batchdata: Mapping[str, Any]) -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "world_to_voxel",
     "voxel_to_world",
     "sample_voxels",
+    "sample_affine",
     "warp_image",
     "spatial_dims_of",
     "ddf_voxel_to_mm",
@@ -175,7 +176,9 @@ def sample_voxels(
 ) -> torch.Tensor:
     """Sample ``image`` at continuous voxel indices: ``out(y) = image(coords(y))``.
 
-    :func:`warp` with the displacement ``coords - y``; the output grid may differ from the input grid.
+    :func:`warp`'s convention (``grid_sample`` with ``align_corners=True``) with the indices given directly, so
+    the output grid may differ from the input grid. The indices are normalised in one pass, without building and
+    subtracting the output grid (a 1 mm brain's ten million points: a third of the time of the DDF route).
 
     Args:
         image: ``(1, C, *S_in)`` (integer dtypes allowed with ``mode="nearest"``).
@@ -186,13 +189,52 @@ def sample_voxels(
     Returns:
         ``(1, C, *S_out)``, ``image``'s dtype for ``mode="nearest"``, float32 otherwise.
     """
-    if coords.ndim == 4:
-        coords = coords[None]
-    in_dtype = image.dtype
-    ddf = coords.float() - voxel_grid(coords.shape[2:], torch.float32)[None]
-    out = warp(image.float(), ddf, mode=mode, padding_mode=padding_mode)
-    if mode == "nearest" and not in_dtype.is_floating_point:
-        out = out.round().to(in_dtype)
+    coords = coords[0] if coords.ndim == 5 else coords
+    dims = coords.shape[0]
+    scale = [2.0 / max(int(n) - 1, 1) for n in image.shape[2:]]
+    # grid_sample's last axis runs x-y-z: the array axes reversed
+    grid = torch.stack([coords[i].float() * scale[i] - 1.0 for i in reversed(range(dims))], dim=-1)[None]
+    return _grid_sample(image, grid, mode, padding_mode)
+
+
+def sample_affine(
+    image: torch.Tensor,
+    index_map: np.ndarray,
+    shape: Sequence[int],
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` at an affine map of the voxel indices of another grid: ``out(y) = image(M y)``.
+
+    :func:`sample_voxels` of ``apply_matrix(index_map, voxel_grid(shape))``, with the sampling grid built by
+    ``F.affine_grid`` in one pass (resampling a field or a label map by the affine stage onto a 1 mm grid).
+
+    Args:
+        image: ``(1, C, *S_in)`` (integer dtypes allowed with ``mode="nearest"``).
+        index_map: ``(4, 4)`` map of output voxel indices to ``image``'s voxel indices.
+        shape: the output grid's shape ``S_out``.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        padding_mode: ``"zeros"`` or ``"border"``.
+
+    Returns:
+        ``(1, C, *S_out)``, as :func:`sample_voxels`.
+    """
+    m = np.asarray(index_map, dtype=np.float64)
+    out_half = np.array([max(int(n) - 1, 1) / 2.0 for n in shape])  # normalised -> index: (n + 1) * half
+    in_scale = np.array([2.0 / max(int(n) - 1, 1) for n in image.shape[2:]])  # index -> normalised: i * scale - 1
+    linear = in_scale[:, None] * m[:3, :3] * out_half[None, :]
+    shift = in_scale * (m[:3, :3] @ out_half + m[:3, 3]) - 1.0
+    theta = np.concatenate([linear[::-1, ::-1], shift[::-1, None]], axis=1)  # x-y-z order of grid_sample
+    size = [1, 1, *[int(n) for n in shape]]
+    grid = F.affine_grid(torch.as_tensor(theta[None].copy(), dtype=torch.float32), size, align_corners=True)
+    return _grid_sample(image, grid, mode, padding_mode)
+
+
+def _grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` of ``image`` (float32, integer labels cast back with ``mode="nearest"``)."""
+    out = F.grid_sample(image.float(), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    if mode == "nearest" and not image.dtype.is_floating_point:
+        out = out.round().to(image.dtype)
     return out
 
 
@@ -325,8 +367,7 @@ def resample_field(
     """
     field = field[None] if field.ndim == 4 else field
     target_to_source = np.linalg.inv(as_affine(affine)) @ as_affine(target_affine)  # one map of voxel indices
-    coords = apply_matrix(target_to_source, voxel_grid(shape))
-    return sample_voxels(field.float(), coords, mode="bilinear", padding_mode="border")
+    return sample_affine(field.float(), target_to_source, shape, mode="bilinear", padding_mode="border")
 
 
 def map_grid(

@@ -6,7 +6,9 @@
   (ignite's :class:`~ignite.handlers.Checkpoint` and :class:`~ignite.handlers.DiskSaver`);
 - :class:`DatasetEpochHandler`: tells a dataset which epoch starts, so that its random draws follow it;
 - :class:`TrainingReport`: the validation Dice of no registration, each validation against it, and where
-  the run's files went.
+  the run's files went;
+- :class:`MeanDiceOverLabels` and :class:`FoldingPercent`: MONAI cumulative metrics of the evaluator (through
+  :class:`monai.handlers.IgniteMetricHandler`), built on :mod:`ran_bundle.metrics`' functions.
 
 The evaluator handlers read the outputs of :class:`~ran_bundle.engines.RegistrationEvalStep` (batched dicts:
 the engines run with ``decollate=False``).
@@ -24,15 +26,19 @@ from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from ignite.handlers.checkpoint import CheckpointEvents
+from monai.metrics import CumulativeIterationMetric, compute_dice
+from monai.utils import MetricReduction
 
 from ran_bundle.engines import pair_names
 from ran_bundle.fields import atomic_write
 from ran_bundle.flow import spacing_of
 from ran_bundle.keys import PAIR_KEYS
-from ran_bundle.metrics import evaluate_pair, summarise
+from ran_bundle.metrics import evaluate_pair, non_positive_jacobian, summarise
+from ran_bundle.spatial import foreground_mask
 from ran_bundle.tensors import as_plain_tensor
 
 __all__ = [
@@ -40,6 +46,8 @@ __all__ = [
     "LastCheckpointSaver",
     "DatasetEpochHandler",
     "TrainingReport",
+    "MeanDiceOverLabels",
+    "FoldingPercent",
 ]
 
 logger = logging.getLogger(__name__)
@@ -311,7 +319,6 @@ class TrainingReport:
         """The mean Dice of the validation pairs without registration and, with ``score_start``, with the
         network's weights before the first step (:class:`~ran_bundle.engines.RegistrationEvalStep`)."""
         from ran_bundle.engines import RegistrationEvalStep
-        from ran_bundle.metrics import MeanDiceOverLabels
 
         identity, start = MeanDiceOverLabels(), MeanDiceOverLabels()
         step = RegistrationEvalStep()
@@ -456,3 +463,110 @@ def _shown(path: str | os.PathLike) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+class FoldingPercent(CumulativeIterationMetric):
+    """Percentage of folded voxels (``det J <= 0``, :func:`~ran_bundle.metrics.non_positive_jacobian`) inside the
+    fixed image's foreground (:func:`ran_bundle.spatial.foreground_mask`), the package's one definition of folding,
+    for ignite/MONAI evaluators (``output_transform=from_engine(["ddf", "fixed"])``).
+
+    Args:
+        reduction: MONAI reduction of the buffered ``(N, 1)`` values (default ``"mean"``).
+    """
+
+    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """
+        Args:
+            y_pred: ``(B, d, *spatial)`` DDF in voxels.
+            y: ``(B, 1, *spatial)`` fixed image.
+
+        Returns:
+            ``(B, 1)`` float32 percentages.
+        """
+        if y is None:
+            raise ValueError("y (the fixed image) is required.")
+        masks = torch.stack([foreground_mask(y[b, 0]) for b in range(y.shape[0])])
+        _, percent = non_positive_jacobian(y_pred.detach().float(), masks)
+        return torch.as_tensor(percent, dtype=torch.float32, device=y_pred.device)[:, None]
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
+        from monai.metrics.utils import do_metric_reduction
+
+        f, _ = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
+        return f
+
+
+class MeanDiceOverLabels(CumulativeIterationMetric):
+    """Mean Dice over the foreground labels present in the reference, for ignite/MONAI evaluators.
+
+    Each call takes integer label maps (e.g. moving labels warped with nearest neighbour, and
+    the fixed labels) and appends, per batch item, the mean Dice over the non-zero labels
+    present in ``y`` (optionally only ``labels``); a label missing from ``y_pred`` scores 0. An
+    item with no such label gives nan and is skipped by :meth:`aggregate`. The Dice values are
+    MONAI's :func:`~monai.metrics.compute_dice`; this class only picks the labels (arbitrary values,
+    e.g. FreeSurfer's, which ``DiceMetric(num_classes=...)`` would have to enumerate one by one) and
+    averages over them. Use it through :class:`monai.handlers.IgniteMetricHandler`.
+
+    Args:
+        labels: restrict to these label values; ``None``: all non-zero values of ``y``.
+        reduction: MONAI reduction of the buffered ``(N, 1)`` values in :meth:`aggregate`
+            (default ``"mean"``, nan-aware).
+        get_not_nans: also return the number of non-nan items from :meth:`aggregate`.
+    """
+
+    _LABELS_PER_PASS = 16  # labels one-hot encoded at once
+
+    def __init__(
+        self,
+        labels: Sequence[int] | None = None,
+        reduction: MetricReduction | str = MetricReduction.MEAN,
+        get_not_nans: bool = False,
+    ) -> None:
+        super().__init__()
+        self.labels = None if labels is None else [int(v) for v in labels]
+        if self.labels is not None and any(v == 0 for v in self.labels):
+            raise ValueError(f"labels must be foreground (non-zero) values, got {labels}.")
+        self.reduction = reduction
+        self.get_not_nans = get_not_nans
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """
+        Args:
+            y_pred: ``(B, 1, *spatial)`` integer labels (a ``(B, N, *spatial)`` one-hot/soft map is argmaxed).
+            y: ``(B, 1, *spatial)`` integer reference labels (same rule).
+
+        Returns:
+            ``(B, 1)`` float32 mean Dice per item: MONAI's :func:`~monai.metrics.compute_dice` of the one-hot
+            maps of the labels present in ``y`` (``ignore_empty``: a label absent from an item's ``y`` is nan
+            there), nan-averaged over the labels.
+        """
+        if y is None:
+            raise ValueError("y (the fixed label map) is required.")
+        y_pred = y_pred.argmax(1, keepdim=True) if y_pred.shape[1] > 1 else y_pred
+        y = y.argmax(1, keepdim=True) if y.shape[1] > 1 else y
+        y_pred, y = y_pred.round().long(), y.round().long()
+        present = [int(v) for v in torch.unique(y) if v != 0]
+        if self.labels is not None:
+            present = [v for v in present if v in self.labels]
+        if not present:
+            return torch.full((y.shape[0], 1), torch.nan, dtype=torch.float32, device=y.device)
+        scores = []
+        for i in range(0, len(present), self._LABELS_PER_PASS):  # bounds the one-hot maps' memory
+            values = torch.as_tensor(present[i : i + self._LABELS_PER_PASS], device=y.device)
+            values = values.view(1, -1, *([1] * (y.ndim - 2)))
+            scores.append(compute_dice(y_pred == values, y == values, include_background=True, ignore_empty=True))
+        return torch.nanmean(torch.cat(scores, 1).float(), dim=1, keepdim=True)
+
+    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Reduce the buffered per-item values (nan-aware); see ``reduction`` and ``get_not_nans``."""
+        from monai.metrics.utils import do_metric_reduction
+
+        data = self.get_buffer()
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
+        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
+        return [f, not_nans] if self.get_not_nans else f

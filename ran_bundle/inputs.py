@@ -18,14 +18,16 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from ran_bundle.flow import spacing_of
-from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+
+if TYPE_CHECKING:
+    from ran_bundle.networks import ResidualAlignerNetwork
 
 __all__ = [
     "InputError",
@@ -193,7 +195,7 @@ class Volume:
 def load_volume(
     path: str | os.PathLike, role: str, reader: str | None = None, require_contrast: bool = False
 ) -> Volume:
-    """Read a 3D image with MONAI's ``LoadImage`` (the reader of the bundle's preprocessing) and check it.
+    """Read a 3D image as MONAI's ``LoadImage`` (the reader of the bundle's preprocessing) reads it, and check it.
 
     Trailing singleton axes (e.g. NIfTI ``(X, Y, Z, 1)``) are dropped.
 
@@ -207,8 +209,6 @@ def load_volume(
         InputError: file missing, unreadable, truncated or corrupt (:func:`check_complete_file`), not 3D,
             holding NaN/infinite values, or constant (with ``require_contrast``).
     """
-    from monai.transforms import LoadImage
-
     p = os.fspath(path)
     if not os.path.exists(p):
         raise InputError(f"{role} {p}: file not found.")
@@ -216,14 +216,14 @@ def load_volume(
         raise InputError(f"{role} {p}: not a file.")
     check_complete_file(p, role)
     try:
-        img = LoadImage(image_only=True, dtype=None, reader=reader)(p)
+        arr, affine = _read_image(p, reader)
     except Exception as e:  # noqa: BLE001 - any reader failure is a user input problem here
         raise InputError(f"{role} {p}: cannot read the image ({_first_line(e)}).") from None
-    arr = np.asarray(img.array if hasattr(img, "array") else img)
+    shape = arr.shape
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
-        raise InputError(f"{role} {p}: not a 3D image (array shape {tuple(np.asarray(img).shape)}).")
+        raise InputError(f"{role} {p}: not a 3D image (array shape {tuple(shape)}).")
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr)
         if bad.any():
@@ -236,10 +236,31 @@ def load_volume(
         raise InputError(f"{role} {p}: unsupported voxel type {arr.dtype}.")
     if require_contrast and arr.size and arr.min() == arr.max():
         raise InputError(f"{role} {p}: every voxel has the same value ({arr.flat[0]}); nothing to register.")
-    affine = np.asarray(img.affine.cpu().numpy() if hasattr(img, "affine") else np.eye(4), dtype=np.float64)
     if affine.shape != (4, 4) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise InputError(f"{role} {p}: invalid voxel-to-world matrix {affine.tolist()}.")
     return Volume(arr, affine, p, role)
+
+
+def _read_image(path: str, reader: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The array (the file's voxel order and dtype) and the ``(4, 4)`` float64 RAS affine of an image file.
+
+    A NIfTI file whose voxel sizes agree with its affine is read with nibabel, as MONAI's ``NibabelReader`` reads
+    it (``np.asanyarray(dataobj)`` and the affine), without importing MONAI: its import loads all of MONAI's
+    submodules, about 4 s of a registration's start-up on 2 cores (``docs/benchmark.md``). Any other file, a
+    NIfTI header that MONAI would rectify, or an explicit ``reader`` goes through MONAI's ``LoadImage``.
+    """
+    if reader is None and path.lower().endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        img = nib.load(path)
+        zooms = img.header.get_zooms()
+        if len(zooms) == 3 and np.allclose(zooms, spacing_of(img.affine)):
+            return np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64)
+    from monai.transforms import LoadImage
+
+    img = LoadImage(image_only=True, dtype=None, reader=reader)(path)
+    arr = np.asarray(img.array if hasattr(img, "array") else img)
+    return arr, np.asarray(img.affine.cpu().numpy() if hasattr(img, "affine") else np.eye(4), dtype=np.float64)
 
 
 def check_same_grid(label: Volume, image: Volume, atol_mm: float = 1e-3) -> None:
@@ -410,6 +431,9 @@ def load_network(
         InputError: unknown preset, file missing, truncated or unreadable, not a state dict, or not fitting
             the preset (missing/unexpected keys or shape mismatches, the first few named).
     """
+    # imported here: the network's blocks pull in MONAI, whose import (about 4 s) a run without it skips
+    from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+
     if preset not in PRESETS:
         raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}.")
     state = read_state_dict(weights)

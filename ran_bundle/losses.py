@@ -22,21 +22,26 @@ which :class:`RegistrationLoss` composes (its defaults are the abdomen recipe).
 It runs past 500 lines because every term of that objective (similarity, edge-aware smoothness in the
 paper's and the code's forms, folding, the supervised pretraining loss) is a function plus its loss class,
 and splitting them would separate terms that :class:`RegistrationLoss` composes from one another.
+
+MONAI is imported where a class needs it (``DiceLoss``, ``LocalNormalizedCrossCorrelationLoss``, ``one_hot``,
+``LossReduction``), not at the top: ``ran-register``'s instance optimisation uses only the functional core, and
+importing MONAI loads all of its submodules (about 4 s on 2 cores, ``docs/benchmark.md``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
-from monai.networks import one_hot
-from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from ran_bundle.metrics import jacobian_determinant_differentiable
+
+if TYPE_CHECKING:
+    from monai.utils import LossReduction
 
 __all__ = [
     "box_sum",
@@ -66,19 +71,19 @@ SMOOTHNESS_MODES = ("paper", "code")
 # ----------------------------------------------------------------------------------------------
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     """Reduce a per-batch-item tensor ``(B,)`` with ``reduction`` in {"mean", "sum", "none"}."""
-    if reduction == LossReduction.MEAN.value:
+    if reduction == "mean":
         return values.mean()
-    if reduction == LossReduction.SUM.value:
+    if reduction == "sum":
         return values.sum()
     return values
 
 
 def _check_reduction(reduction: LossReduction | str) -> str:
-    """Validate ``reduction`` and return its string value."""
-    try:
-        return LossReduction(reduction).value
-    except ValueError:
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.") from None
+    """Validate ``reduction`` (a string or MONAI's ``LossReduction``) and return its string value."""
+    value = getattr(reduction, "value", reduction)
+    if value not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+    return value
 
 
 def _check_spatial(x: torch.Tensor, spatial_dims: int, name: str) -> None:
@@ -377,7 +382,7 @@ class LocalNCCLoss(_Loss):
         kernel_size: int | Sequence[int] = 9,
         mask_threshold: float | None = 0.1,
         eps: float = 1e-5,
-        reduction: LossReduction | str = LossReduction.MEAN,
+        reduction: LossReduction | str = "mean",
     ) -> None:
         super().__init__(reduction=_check_reduction(reduction))
         if spatial_dims not in (1, 2, 3):
@@ -424,9 +429,7 @@ class MaskedMSELoss(_Loss):
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` over the batch.
     """
 
-    def __init__(
-        self, mask_threshold: float | None = None, reduction: LossReduction | str = LossReduction.MEAN
-    ) -> None:
+    def __init__(self, mask_threshold: float | None = None, reduction: LossReduction | str = "mean") -> None:
         super().__init__(reduction=_check_reduction(reduction))
         self.mask_threshold = mask_threshold
 
@@ -474,7 +477,7 @@ class EdgeAwareSmoothnessLoss(_Loss):
         p: int = 2,
         edge_weight: float | None = None,
         mode: str = "paper",
-        reduction: LossReduction | str = LossReduction.MEAN,
+        reduction: LossReduction | str = "mean",
     ) -> None:
         super().__init__(reduction=_check_reduction(reduction))
         if spatial_dims not in (1, 2, 3):
@@ -529,6 +532,8 @@ def similarity_loss(name: str, spatial_dims: int = 3, **kwargs) -> _Loss:
     if key == "ncc":
         return LocalNCCLoss(spatial_dims, **kwargs)
     if key == "lncc":
+        from monai.losses import LocalNormalizedCrossCorrelationLoss
+
         return LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, **kwargs)
     if key == "mse":
         return MaskedMSELoss(**kwargs)
@@ -617,6 +622,8 @@ class RegistrationLoss(_Loss):
         self.dice_weight = float(dice_weight)
         self.fold_weight = float(fold_weight)
         self.field_weight = float(field_weight)
+        from monai.losses import DiceLoss
+
         self.dice = DiceLoss(include_background=False, smooth_nr=1e-5, smooth_dr=1e-5)
         self.last_terms: dict[str, float] = {}
 
@@ -635,6 +642,8 @@ class RegistrationLoss(_Loss):
         if self.dice_weight > 0 and warped_label is not None and fixed_label is not None:
             n = warped_label.shape[1]
             if fixed_label.shape[1] == 1 and n > 1:
+                from monai.networks import one_hot
+
                 fixed_label = one_hot(fixed_label.long(), n, dtype=warped_label.dtype)
             out["dice"] = self.dice(warped_label, fixed_label)
             total = total + self.dice_weight * out["dice"]

@@ -10,13 +10,15 @@ tensors.
   symmetric ASD in mm, with MONAI's surface-distance functions).
 - One registered pair: :func:`evaluate_pair` gives flat rows ready for a CSV;
   :func:`summarise` gives mean and std per label across pairs.
-- For ignite/MONAI evaluators: :class:`MeanDiceOverLabels`.
+- For ignite/MONAI evaluators: :class:`ran_bundle.handlers.MeanDiceOverLabels` and
+  :class:`ran_bundle.handlers.FoldingPercent`, built on these functions.
 
 Reporting both conventions of the paper and of Learn2Reg: the paper counts voxels with
 ``det J <= 0`` inside the organs and reports Dice / HD / ASD; Learn2Reg adds HD95 and SDlogJ.
 
-Over 500 lines because it holds both sides of every metric (the plain functions and their MONAI
-``CumulativeIterationMetric`` classes for the evaluators), which must stay one definition.
+Plain functions of numpy and torch: MONAI's surface distances are imported where they are used, so that
+``ran-register``, which needs only the Jacobian and Dice, does not pay MONAI's import (about 4 s on 2 cores,
+``docs/benchmark.md``).
 """
 
 from __future__ import annotations
@@ -28,15 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import (
-    CumulativeIterationMetric,
-    compute_average_surface_distance,
-    compute_dice,
-    compute_hausdorff_distance,
-)
-from monai.utils import MetricReduction
-
-from ran_bundle.spatial import foreground_mask
 
 __all__ = [
     "jacobian_determinant",
@@ -49,8 +42,6 @@ __all__ = [
     "label_metrics",
     "evaluate_pair",
     "summarise",
-    "MeanDiceOverLabels",
-    "FoldingPercent",
     "LABEL_METRICS",
     "FIELD_METRICS",
 ]
@@ -73,9 +64,9 @@ def _is_unbatched_ddf(t: ArrayLike) -> bool:
     return not batched and t.shape[0] == t.ndim - 1
 
 
-def _batched_ddf(ddf: ArrayLike) -> torch.Tensor:
-    """``(d, *S)`` or ``(B, d, *S)`` -> ``(B, d, *S)`` float64 tensor."""
-    t = _to_tensor(ddf, torch.float64)
+def _batched_ddf(ddf: ArrayLike, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``(d, *S)`` or ``(B, d, *S)`` -> ``(B, d, *S)`` tensor of ``dtype``."""
+    t = _to_tensor(ddf, dtype)
     if _is_unbatched_ddf(t):
         t = t[None]
     if t.ndim - 2 != t.shape[1] or t.shape[1] not in (2, 3):
@@ -97,9 +88,11 @@ def _batched_mask(mask: ArrayLike | None, batch: int, spatial: Sequence[int]) ->
     return m.expand(batch, *spatial)
 
 
-def jacobian_determinant(ddf: ArrayLike, spacing: Sequence[float] | None = None) -> ArrayLike:
+def jacobian_determinant(
+    ddf: ArrayLike, spacing: Sequence[float] | None = None, dtype: torch.dtype = torch.float64
+) -> ArrayLike:
     """Determinant of the Jacobian of ``x -> x + u(x)``, ``det(I + grad u)``, per voxel, as a metric
-    (detached, float64); :func:`jacobian_determinant_differentiable` is the same computation for losses.
+    (detached, float64 unless told); :func:`jacobian_determinant_differentiable` is the same computation for losses.
 
     Derivatives are central differences inside and one-sided at the borders (as ``np.gradient``).
     The determinant is invariant to the voxel spacing (``det(S (I + G) S^-1) = det(I + G)`` for the
@@ -109,13 +102,15 @@ def jacobian_determinant(ddf: ArrayLike, spacing: Sequence[float] | None = None)
     Args:
         ddf: ``(B, d, *spatial)`` or ``(d, *spatial)`` displacement in voxels, d = 2 or 3.
         spacing: voxel size per axis in mm, or ``None`` (1 mm).
+        dtype: precision of the computation and the result; ``torch.float32`` halves the time and memory on a
+            1 mm grid (what ``ran-register`` writes as ``jacobian.nii.gz``).
 
     Returns:
         ``(B, *spatial)`` (``(*spatial)`` for an unbatched input), numpy for numpy input, torch
-        (float64, on the input's device) for torch input.
+        (``dtype``, on the input's device) for torch input.
     """
     unbatched = _is_unbatched_ddf(ddf)
-    det = jacobian_determinant_differentiable(_batched_ddf(ddf), spacing)
+    det = jacobian_determinant_differentiable(_batched_ddf(ddf, dtype), spacing)
     if unbatched:
         det = det[0]
     return det if isinstance(ddf, torch.Tensor) else det.cpu().numpy()
@@ -255,6 +250,8 @@ def hd95_per_label(
         spacing: voxel size in mm per axis (``None``: voxels).
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
+    from monai.metrics import compute_hausdorff_distance
+
     sp = None if spacing is None else [float(s) for s in spacing]
     out: dict[int, float] = {}
     for lab in labels:
@@ -322,6 +319,8 @@ def label_metrics(
         if p.any() and r.any():
             both.append(lab)
     if both:
+        from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
         p1h = torch.from_numpy(np.stack([pred == lab for lab in both])[None])  # (1, L, *S)
         r1h = torch.from_numpy(np.stack([ref == lab for lab in both])[None])
         sp = None if spacing is None else [float(s) for s in spacing]
@@ -431,110 +430,3 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             summary[f"{k}_std"] = float(valid.std()) if valid.size else math.nan
         out.append(summary)
     return out
-
-
-class FoldingPercent(CumulativeIterationMetric):
-    """Percentage of folded voxels (``det J <= 0``, :func:`non_positive_jacobian`) inside the fixed image's
-    foreground (:func:`ran_bundle.spatial.foreground_mask`), the package's one definition of folding, for
-    ignite/MONAI evaluators (``output_transform=from_engine(["ddf", "fixed"])``).
-
-    Args:
-        reduction: MONAI reduction of the buffered ``(N, 1)`` values (default ``"mean"``).
-    """
-
-    def __init__(self, reduction: MetricReduction | str = MetricReduction.MEAN) -> None:
-        super().__init__()
-        self.reduction = reduction
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """
-        Args:
-            y_pred: ``(B, d, *spatial)`` DDF in voxels.
-            y: ``(B, 1, *spatial)`` fixed image.
-
-        Returns:
-            ``(B, 1)`` float32 percentages.
-        """
-        if y is None:
-            raise ValueError("y (the fixed image) is required.")
-        masks = torch.stack([foreground_mask(y[b, 0]) for b in range(y.shape[0])])
-        _, percent = non_positive_jacobian(y_pred.detach().float(), masks)
-        return torch.as_tensor(percent, dtype=torch.float32, device=y_pred.device)[:, None]
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor:
-        from monai.metrics.utils import do_metric_reduction
-
-        f, _ = do_metric_reduction(self.get_buffer(), reduction or self.reduction)
-        return f
-
-
-class MeanDiceOverLabels(CumulativeIterationMetric):
-    """Mean Dice over the foreground labels present in the reference, for ignite/MONAI evaluators.
-
-    Each call takes integer label maps (e.g. moving labels warped with nearest neighbour, and
-    the fixed labels) and appends, per batch item, the mean Dice over the non-zero labels
-    present in ``y`` (optionally only ``labels``); a label missing from ``y_pred`` scores 0. An
-    item with no such label gives nan and is skipped by :meth:`aggregate`. The Dice values are
-    MONAI's :func:`~monai.metrics.compute_dice`; this class only picks the labels (arbitrary values,
-    e.g. FreeSurfer's, which ``DiceMetric(num_classes=...)`` would have to enumerate one by one) and
-    averages over them. Use it through :class:`monai.handlers.IgniteMetricHandler`.
-
-    Args:
-        labels: restrict to these label values; ``None``: all non-zero values of ``y``.
-        reduction: MONAI reduction of the buffered ``(N, 1)`` values in :meth:`aggregate`
-            (default ``"mean"``, nan-aware).
-        get_not_nans: also return the number of non-nan items from :meth:`aggregate`.
-    """
-
-    _LABELS_PER_PASS = 16  # labels one-hot encoded at once
-
-    def __init__(
-        self,
-        labels: Sequence[int] | None = None,
-        reduction: MetricReduction | str = MetricReduction.MEAN,
-        get_not_nans: bool = False,
-    ) -> None:
-        super().__init__()
-        self.labels = None if labels is None else [int(v) for v in labels]
-        if self.labels is not None and any(v == 0 for v in self.labels):
-            raise ValueError(f"labels must be foreground (non-zero) values, got {labels}.")
-        self.reduction = reduction
-        self.get_not_nans = get_not_nans
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """
-        Args:
-            y_pred: ``(B, 1, *spatial)`` integer labels (a ``(B, N, *spatial)`` one-hot/soft map is argmaxed).
-            y: ``(B, 1, *spatial)`` integer reference labels (same rule).
-
-        Returns:
-            ``(B, 1)`` float32 mean Dice per item: MONAI's :func:`~monai.metrics.compute_dice` of the one-hot
-            maps of the labels present in ``y`` (``ignore_empty``: a label absent from an item's ``y`` is nan
-            there), nan-averaged over the labels.
-        """
-        if y is None:
-            raise ValueError("y (the fixed label map) is required.")
-        y_pred = y_pred.argmax(1, keepdim=True) if y_pred.shape[1] > 1 else y_pred
-        y = y.argmax(1, keepdim=True) if y.shape[1] > 1 else y
-        y_pred, y = y_pred.round().long(), y.round().long()
-        present = [int(v) for v in torch.unique(y) if v != 0]
-        if self.labels is not None:
-            present = [v for v in present if v in self.labels]
-        if not present:
-            return torch.full((y.shape[0], 1), torch.nan, dtype=torch.float32, device=y.device)
-        scores = []
-        for i in range(0, len(present), self._LABELS_PER_PASS):  # bounds the one-hot maps' memory
-            values = torch.as_tensor(present[i : i + self._LABELS_PER_PASS], device=y.device)
-            values = values.view(1, -1, *([1] * (y.ndim - 2)))
-            scores.append(compute_dice(y_pred == values, y == values, include_background=True, ignore_empty=True))
-        return torch.nanmean(torch.cat(scores, 1).float(), dim=1, keepdim=True)
-
-    def aggregate(self, reduction: MetricReduction | str | None = None) -> torch.Tensor | list[torch.Tensor]:
-        """Reduce the buffered per-item values (nan-aware); see ``reduction`` and ``get_not_nans``."""
-        from monai.metrics.utils import do_metric_reduction
-
-        data = self.get_buffer()
-        if not isinstance(data, torch.Tensor):
-            raise ValueError("the data to aggregate must be a PyTorch Tensor.")
-        f, not_nans = do_metric_reduction(data, reduction or self.reduction)
-        return [f, not_nans] if self.get_not_nans else f

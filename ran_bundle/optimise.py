@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from ran_bundle.defaults import PIPELINE_DEFAULTS
-from ran_bundle.engines import registration_train_step
 from ran_bundle.flow import compose, exponentiate, warp
 from ran_bundle.losses import RegistrationLoss, folding_penalty, local_ncc, mind_ssc, mind_ssd
 from ran_bundle.spatial import foreground_mask
@@ -262,6 +261,8 @@ def finetune_network(
         RuntimeError: a non-finite loss (:class:`ran_bundle.engines.NonFiniteLossError`).
     """
     from tqdm import tqdm
+
+    from ran_bundle.engines import registration_train_step  # ignite: imported only for fine-tuning
 
     device = next(net.parameters()).device
     tuned = copy.deepcopy(net).to(device)

@@ -40,14 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
-from ran_bundle.defaults import PIPELINE_DEFAULTS
+from ran_bundle.defaults import PIPELINE_DEFAULTS, PRESET_NAMES
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import (
     apply_matrix,
@@ -70,13 +70,15 @@ from ran_bundle.inputs import (
     parse_spacing,
     resolve_device,
 )
+from ran_bundle.intensity import INTENSITIES, scale_intensity
 from ran_bundle.metrics import jacobian_determinant
-from ran_bundle.networks import ResidualAlignerNetwork
 from ran_bundle.optimise import SIMILARITIES, finetune_network, optimise_field
 from ran_bundle.quality import affine_and_registered_dice, registration_quality
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid, to_sitk_image
 from ran_bundle.tensors import autocast_if
-from ran_bundle.transforms import INTENSITIES, scale_intensity
+
+if TYPE_CHECKING:  # the network pulls in MONAI: imported only where it runs (ran_bundle.inputs.load_network)
+    from ran_bundle.networks import ResidualAlignerNetwork
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -91,23 +93,14 @@ logger = logging.getLogger(__name__)
 
 #: where the instance optimisation starts: the network's field, or the affine stage alone
 IO_STARTS = ("network", "zero")
-#: the default start and regulariser weight per similarity. MIND's SSD is smaller than NCC's term: with the moving
-#: image in a synthetic other contrast (Mindboggle 14 -> 13 at 3 mm) it scored Dice 0.473 with weight 1 against
-#: 0.438-0.444 with NCC's 10. On the 6 test pairs at 1 mm (scripts/compare_contrast.py, docs/register.md) MIND from
-#: a zero field scored 0.527 in 24.1 s a pair, from the network's field (trained on T1 pairs) 0.526 in 32.8 s:
-#: the network does not pay across contrasts, so ``mind`` starts from zero
-IO_START = {"ncc": "network", "mind": "zero"}
+#: the regulariser weight per similarity. MIND's SSD is smaller than NCC's term: with the moving image in a synthetic
+#: other contrast (Mindboggle 14 -> 13 at 3 mm) it scored Dice 0.473 with weight 1 against 0.438-0.444 with NCC's 10
 IO_WEIGHT = {"ncc": PIPELINE_DEFAULTS.io_weight, "mind": 1.0}
 STEPS = ("check_inputs", "affine", "preprocess", "predict", "optimise", "to_world", "write")
 #: the shipped brain MR weights (``models/model.pt`` of the bundle root)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "model.pt"
 #: the smallest network grid that gives a meaningful field: below it the pipeline refuses
 MIN_GRID_VOXELS = 8
-
-
-# --------------------------------------------------------------------------------------------------
-# arguments and weights
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,10 +216,11 @@ class RegistrationPipeline:
         io_fold_weight: weight of its folding penalty.
         similarity: similarity of the instance optimisation: ``"ncc"`` (local NCC, same contrast) or ``"mind"``
             (SSD of MIND-SSC descriptors, another contrast).
-        io_start: where the instance optimisation starts: ``"network"`` (the network's field) or ``"zero"``
-            (``--no-network``: the affine stage alone; no weights are read, the network is not run; the measure of
-            the network's worth, and a choice for images unlike its training data); ``None``: :data:`IO_START` of
-            ``similarity``.
+        io_start: where the instance optimisation starts: ``"network"`` (``--network-start``: the network's
+            field) or ``"zero"`` (``--no-network``: the affine stage alone; no weights are read, the network is not
+            run); ``None``: ``"network"`` where the network is asked for (``weights`` or ``network`` given, or
+            ``io_iterations`` ``(0, 0)``, where its field is the result), else
+            :data:`~ran_bundle.defaults.PIPELINE_DEFAULTS` ``io_start`` (``"zero"``, as measured).
         fixed_mask: default fixed-image mask file (non-zero = use) of :meth:`register`, on the fixed image's grid:
             the voxels the affine metric and the instance optimisation's similarity use. The network's input is
             not masked.
@@ -271,15 +265,19 @@ class RegistrationPipeline:
             window = []
         if len(window) != 2 or not all(np.isfinite(window)) or window[0] >= window[1]:
             raise InputError(f"--ct-window {ct_window!r}: expected two numbers LOW HIGH (HU) with LOW < HIGH.")
+        if preset not in PRESET_NAMES:
+            raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESET_NAMES)}.")
         if affine not in AFFINE_STAGES:
             raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
         if similarity not in SIMILARITIES:
             raise InputError(f"--similarity {similarity!r}: expected one of {SIMILARITIES}.")
-        io_start = IO_START[similarity] if io_start is None else io_start
+        iterations = [int(n) for n in io_iterations]
+        if io_start is None:  # the network runs where it is asked for: weights or a network given, or no IO
+            asked = weights is not None or network is not None or not sum(iterations)
+            io_start = "network" if asked else PIPELINE_DEFAULTS.io_start
         io_weight = IO_WEIGHT[similarity] if io_weight is None else io_weight
         if io_start not in IO_STARTS:
             raise InputError(f"io_start {io_start!r}: expected one of {IO_STARTS} ('zero' is --no-network).")
-        iterations = [int(n) for n in io_iterations]
         if len(iterations) != 2 or any(n < 0 for n in iterations):
             raise InputError(f"--io-iterations {io_iterations!r}: expected two non-negative integers.")
         if not (isinstance(finetune_steps, int) and not isinstance(finetune_steps, bool) and finetune_steps >= 0):
@@ -486,7 +484,7 @@ class RegistrationPipeline:
             warped_label = None
             if inputs.moving_label is not None:
                 warped_label = sample_voxels(inputs.moving_label.label_tensor(), coords, mode="nearest")[0, 0]
-            jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0])
+            jacobian = jacobian_determinant(field_to_voxel_ddf(total, fixed.affine)[0], dtype=torch.float32)
             inverse = self._inverse(inputs, affine, grid, v_grid) if self.inverse else None
             stats, warnings = registration_quality(
                 fixed, moving, affine.matrix, jacobian, total, grid.shape, self.spacing[0]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ran_bundle.flow import apply_matrix, sample_voxels, voxel_grid, voxel_to_world, world_to_voxel
+from ran_bundle.flow import apply_matrix, sample_affine, sample_voxels, voxel_grid, voxel_to_world, world_to_voxel
 from ran_bundle.inputs import Volume
 from ran_bundle.metrics import dice_per_label
 from ran_bundle.spatial import foreground_mask
@@ -58,8 +58,7 @@ def affine_and_registered_dice(
     labels of at least 100 voxels; nearest-neighbour label warps on the fixed grid."""
     reference = np.rint(fixed_label.array).astype(np.int64)
     fixed_to_moving = np.linalg.inv(moving_label.affine) @ matrix @ fixed_label.affine  # voxel indices, one map
-    coords = apply_matrix(fixed_to_moving, voxel_grid(fixed_label.array.shape, torch.float32))
-    affine_only = sample_voxels(moving_label.label_tensor(), coords, "nearest")[0, 0]
+    affine_only = sample_affine(moving_label.label_tensor(), fixed_to_moving, reference.shape, "nearest")[0, 0]
     values, counts = np.unique(reference, return_counts=True)
     labels = [int(v) for v in values if v != 0]
     big = {int(v) for v, c in zip(values, counts, strict=True) if v != 0 and c >= 100}

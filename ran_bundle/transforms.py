@@ -59,9 +59,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandSpatialCropd,
     ResizeWithPadOrCropd,
-    ScaleIntensityRange,
     ScaleIntensityRanged,
-    ScaleIntensityRangePercentiles,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
@@ -70,6 +68,7 @@ from monai.transforms.inverse import InvertibleTransform
 from ran_bundle.affine import AFFINE_STAGES, read_transform, register_affine, write_transform
 from ran_bundle.defaults import CT_WINDOW
 from ran_bundle.fields import atomic_write
+from ran_bundle.intensity import INTENSITIES, MR_PERCENTILES
 from ran_bundle.keys import IMAGE_KEYS, LABEL_KEYS, PAIR_KEYS, TEACHER_DDF
 from ran_bundle.spatial import Grid, foreground_grid, resample_to_grid
 
@@ -78,18 +77,13 @@ __all__ = [
     "LABEL_KEYS",
     "PAIR_KEYS",
     "CT_WINDOW",
-    "MR_PERCENTILES",
-    "INTENSITIES",
-    "scale_intensity",
     "RequireKeysd",
     "PadToCommonShaped",
     "AlignToReferenced",
     "registration_transforms",
 ]
 
-MR_PERCENTILES = (0.5, 99.5)
 _MODES = ("train", "eval", "infer")
-INTENSITIES = ("ct", "mr", "none")
 
 
 class RequireKeysd(MapTransform):
@@ -438,20 +432,3 @@ def registration_transforms(
     if labels:
         xforms.append(EnsureTyped(keys=labels, dtype=torch.float32, allow_missing_keys=lab_missing_ok))
     return Compose(xforms)
-
-
-def scale_intensity(array: np.ndarray, intensity: str, ct_window: Sequence[float] = CT_WINDOW) -> np.ndarray:
-    """The intensity scaling of :func:`registration_transforms` for one array (the registration pipeline's
-    network grid): ``"ct"`` the HU window ``ct_window`` (default [-100, 300], the abdomen's; [-1000, 300] keeps
-    the lung parenchyma) -> [0, 1]; ``"mr"`` percentiles 0.5 and 99.5 -> [0, 1]; both clipped; ``"none"``
-    unchanged. A constant array (nothing in view) gives zeros."""
-    if intensity != "none" and float(array.max()) == float(array.min()):
-        return np.zeros(array.shape, np.float32)  # nothing here (e.g. no overlap): MONAI would divide by zero
-    if intensity == "ct":
-        low, high = (float(v) for v in ct_window)
-        scaler = ScaleIntensityRange(low, high, b_min=0.0, b_max=1.0, clip=True)
-    elif intensity == "mr":
-        scaler = ScaleIntensityRangePercentiles(*MR_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)
-    else:
-        return array.astype(np.float32)
-    return np.asarray(scaler(array[None].astype(np.float32)))[0]

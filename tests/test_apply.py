@@ -20,7 +20,17 @@ from scipy.ndimage import gaussian_filter
 from ran_bundle.apply import read_points_csv, warp_image_file, warp_points_file, write_points_csv
 from ran_bundle.cli import warp_main, warp_parser
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
-from ran_bundle.flow import ddf_voxel_to_mm, field_to_voxel_ddf, map_points, sample_voxels, warp_image, warp_to_grid
+from ran_bundle.flow import (
+    apply_matrix,
+    ddf_voxel_to_mm,
+    field_to_voxel_ddf,
+    map_points,
+    sample_affine,
+    sample_voxels,
+    voxel_grid,
+    warp_image,
+    warp_to_grid,
+)
 from ran_bundle.inputs import InputError
 from ran_bundle.spatial import read_displacement_field, to_sitk_image
 
@@ -99,9 +109,9 @@ def test_sample_voxels_is_the_package_warp_on_other_grids():
     ddf = smooth_field((12, 10, 9), seed=2)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in (12, 10, 9)], indexing="ij")).double()
     coords = grid[None] + ddf.double()
-    same = sample_voxels(img, coords)  # same grid: routed through flow.warp
+    same = sample_voxels(img, coords)  # indices on the same grid: the warp of their displacement
     assert torch.allclose(same, warp_image(img, ddf), atol=1e-6)
-    # a smaller output grid takes the grid_sample path: it must give the same values
+    # a smaller output grid: the same values where the grids overlap
     other = sample_voxels(img, coords[..., :-2])
     assert other.shape == (1, 2, 12, 10, 7)
     assert torch.allclose(other, same[..., :-2], atol=1e-5)
@@ -109,6 +119,26 @@ def test_sample_voxels_is_the_package_warp_on_other_grids():
     near = sample_voxels(lab, coords[..., :-2], mode="nearest")
     assert near.dtype == torch.int16
     assert torch.equal(near, warp_image(lab, ddf, mode="nearest")[..., :-2])
+
+
+def test_sample_affine_equals_sample_voxels_of_the_mapped_grid():
+    """``sample_affine`` builds its sampling grid with ``F.affine_grid``; it must sample where ``sample_voxels`` of
+    the mapped voxel indices does, on another grid size, for an oblique map, in both modes."""
+    rng = np.random.default_rng(4)
+    img = torch.rand(1, 3, 14, 11, 9)
+    index_map = np.eye(4)
+    index_map[:3, :3] += 0.15 * rng.standard_normal((3, 3))
+    index_map[:3, 3] = [1.3, -0.7, 0.4]
+    shape = (10, 12, 7)
+    coords = apply_matrix(index_map, voxel_grid(shape))
+    for padding in ("zeros", "border"):
+        ours = sample_affine(img, index_map, shape, padding_mode=padding)
+        assert ours.shape == (1, 3, *shape)
+        assert torch.allclose(ours, sample_voxels(img, coords, padding_mode=padding), atol=1e-5)
+    lab = torch.randint(0, 5, (1, 1, 14, 11, 9), dtype=torch.int16)
+    near = sample_affine(lab, index_map, shape, mode="nearest")
+    assert near.dtype == torch.int16
+    assert (near != sample_voxels(lab, coords, mode="nearest")).float().mean() < 0.01  # float32 ties aside
 
 
 def test_read_displacement_field_inverts_the_writer(tmp_path: Path):

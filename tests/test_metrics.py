@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from ran_bundle.handlers import MeanDiceOverLabels
 from ran_bundle.metrics import (
     FIELD_METRICS,
     LABEL_METRICS,
-    MeanDiceOverLabels,
     evaluate_pair,
     jacobian_determinant,
     label_metrics,

@@ -66,6 +66,14 @@ def test_preset_parameter_counts_are_pinned(preset):
         assert round(100 * (count / PAPER_PARAMS[preset] - 1), 1) == PAPER_GAP_PERCENT[preset]
 
 
+def test_the_defaults_name_every_preset():
+    """``ran_bundle.defaults.PRESET_NAMES`` (which the pipeline checks ``--preset`` against without importing the
+    network) lists the presets the network builds."""
+    from ran_bundle.defaults import PRESET_NAMES
+
+    assert list(PRESET_NAMES) == list(PRESETS)
+
+
 def test_ablation_switches_change_the_model():
     base = ResidualAlignerNetwork(3, "RAn3")
     no_confidence = ResidualAlignerNetwork(3, "RAn3", head_weighting="softmax")

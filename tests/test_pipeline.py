@@ -173,12 +173,12 @@ def test_load_network_errors(tmp_path: Path):
 
 
 def test_pipeline_holds_the_values_of_its_weight_file():
-    """Without a network the pipeline loads ``weights`` (the shipped file by default): its network's state dict is
-    the file's, value for value, not merely a network of the right type."""
+    """Starting from the network, without a network given, the pipeline loads ``weights`` (the shipped file by
+    default): its network's state dict is the file's, value for value, not merely a network of the right type."""
     if not DEFAULT_WEIGHTS.is_file():
         pytest.skip(f"shipped weights not found at {DEFAULT_WEIGHTS}")
     torch.manual_seed(1)  # other initial weights: only the file's values can make them equal
-    loaded = RegistrationPipeline(device="cpu", progress=False).network.state_dict()
+    loaded = RegistrationPipeline(device="cpu", io_start="network", progress=False).network.state_dict()
     saved = read_state_dict(DEFAULT_WEIGHTS)
     assert loaded.keys() == saved.keys()
     assert all(torch.equal(loaded[k].cpu(), v) for k, v in saved.items())
@@ -471,3 +471,75 @@ def test_folding_is_counted_inside_the_fixed_foreground(moved_pair, tmp_path, ca
     folded, report = reports["everywhere"]
     assert report["field"]["non_positive_jacobian_percent"] > 10.0
     assert any("of the fixed foreground folds (det J <= 0)" in w for w in report["warnings"])
+
+
+def test_scale_intensity_equals_monai_transforms():
+    """``ran_bundle.intensity`` (numpy, so that ``ran-register`` need not import MONAI) scales as MONAI's
+    ``ScaleIntensityRange`` and ``ScaleIntensityRangePercentiles`` of the training transforms."""
+    from monai.transforms import ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+    from ran_bundle.intensity import MR_PERCENTILES, scale_intensity
+
+    rng = np.random.default_rng(0)
+    image = (rng.gamma(2.0, 300.0, (17, 12, 9)) - 400.0).astype(np.float32)
+    monai_ct = ScaleIntensityRange(-100.0, 300.0, b_min=0.0, b_max=1.0, clip=True)(image[None])[0]
+    monai_mr = ScaleIntensityRangePercentiles(*MR_PERCENTILES, b_min=0.0, b_max=1.0, clip=True)(image[None])[0]
+    for ours, theirs in (
+        (scale_intensity(image, "ct", (-100.0, 300.0)), monai_ct),
+        (scale_intensity(image, "mr"), monai_mr),
+    ):
+        assert ours.dtype == np.float32 and 0.0 < float(ours.mean()) < 1.0
+        np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-6)
+    assert not scale_intensity(np.full((4, 4, 4), 7.0), "mr").any()
+    with pytest.raises(ValueError, match="intensity"):
+        scale_intensity(image, "pet")
+
+
+def test_registration_without_the_network_starts_without_monai(tmp_path):
+    """``ran-register --no-network`` runs without importing MONAI or ignite (about 4 s of its start-up on 2 cores):
+    a fresh interpreter registers a phantom pair and lists the modules it loaded."""
+    import subprocess
+    import sys
+
+    x, y, z = np.meshgrid(*(np.arange(40, dtype=np.float32),) * 3, indexing="ij")
+    for name, shift in (("fixed", 0.0), ("moving", 2.0)):
+        blob = gaussian_filter(
+            ((((x - 20 - shift) / 12) ** 2 + ((y - 19) / 10) ** 2 + ((z - 20) / 11) ** 2) < 1).astype(np.float32), 1.0
+        )
+        write_image_atomic(blob, np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / f"{name}.nii.gz")
+    argv = ["--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"), "--out",
+            str(tmp_path / "out"), "--no-network", "--io-iterations", "2", "2", "--quiet"]  # fmt: skip
+    code = (
+        "import sys\nfrom ran_bundle.cli import register_main\n"
+        f"register_main({argv!r})\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'monai', 'ignite'}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_load_volume_reads_as_monai_loadimage(tiny_ct, tmp_path):
+    """``load_volume`` reads NIfTI with nibabel (no MONAI import) and must give what MONAI's ``LoadImage`` gives:
+    the same array, dtype and RAS affine, for an image, a label map, a file with a 4-D singleton axis, and a
+    header whose pixdim disagrees with its affine (which MONAI rectifies, so it goes through MONAI)."""
+    from monai.transforms import LoadImage
+
+    from ran_bundle.inputs import load_volume
+
+    image = nib.load(tiny_ct / "images" / "subject_00.nii.gz")
+    four_d = nib.Nifti1Image(np.asarray(image.dataobj)[..., None], image.affine)
+    nib.save(four_d, tmp_path / "four_d.nii.gz")
+    odd = nib.Nifti1Image(np.asarray(image.dataobj), image.affine)
+    odd.header.set_zooms((9.0, 9.0, 9.0))  # pixdim against the affine's 1.5-ish mm
+    nib.save(odd, tmp_path / "odd_pixdim.nii.gz")
+    files = [tiny_ct / "images" / "subject_00.nii.gz", tiny_ct / "labels" / "subject_00.nii.gz"]
+    for path in [*files, tmp_path / "four_d.nii.gz", tmp_path / "odd_pixdim.nii.gz"]:
+        ours = load_volume(path, "image")
+        theirs = LoadImage(image_only=True, dtype=None)(str(path))
+        array = np.asarray(theirs.array)
+        array = array[..., 0] if array.ndim == 4 else array
+        assert ours.array.dtype == array.dtype, path.name
+        np.testing.assert_array_equal(ours.array, array)
+        np.testing.assert_allclose(ours.affine, theirs.affine.numpy(), atol=1e-6)

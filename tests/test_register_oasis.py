@@ -4,7 +4,7 @@ The OASIS pair of ``../shared/data`` (``conftest.shared_data``; skipped when abs
 to subject A (fixed) with the shipped ``models/model.pt``, in-process (:func:`ran_bundle.cli.register_main`). To
 keep the module to about a minute on 2 busy cores the 1 mm images are resampled to 2 mm files first (SimpleITK,
 linear for images, nearest neighbour for labels; 80 x 96 x 72 voxels), and instance optimisation runs 2 + 2
-iterations. The network runs at its training resolution, 2 mm.
+iterations from the network's field (``--network-start``). The network runs at its training resolution, 2 mm.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ran_bundle.spatial import foreground_mask
 pytestmark = pytest.mark.slow  # subprocesses or training runs: not in `pytest -m "not slow"`
 
 LPS = np.diag([-1.0, -1.0, 1.0])
-COMMON = ("--io-iterations", "2", "2", "--device", "cpu", "--quiet")
+COMMON = ("--network-start", "--io-iterations", "2", "2", "--device", "cpu", "--quiet")  # the network, then IO
 
 
 def itk_array(img: sitk.Image) -> np.ndarray:
