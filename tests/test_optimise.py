@@ -100,3 +100,15 @@ def test_instance_optimisation_raises_dice_over_the_network_alone_on_real_brains
     assert not math.isnan(dice_net) and dice_io > dice_net + 0.02, (dice_net, dice_io)
     assert dice_io > optimised["dice"]["mean_affine_100"] + 0.1
     assert optimised["non_positive_jacobian_percent"] < FOLDING_BOUND
+
+
+def test_smooth_is_two_box_averages_of_avg_pool():
+    """``_smooth`` sums shifted slices instead of calling ``avg_pool3d`` (3x faster on a CPU): the same values, in
+    3-D and 2-D, border included."""
+    import torch.nn.functional as F
+
+    from ran_bundle.optimise import _smooth
+
+    for x, pool in ((torch.randn(1, 3, 9, 7, 8), F.avg_pool3d), (torch.randn(2, 2, 9, 7), F.avg_pool2d)):
+        expected = pool(pool(x, 3, stride=1, padding=1, count_include_pad=True), 3, stride=1, padding=1)
+        assert torch.allclose(_smooth(x), expected, atol=1e-6)
