@@ -244,8 +244,9 @@ def register_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ran-register",
         description=(
-            "Register a moving 3D image to a fixed one: affine stage (SimpleITK), Residual Aligner Network, "
-            "instance optimisation of the field. Writes into OUT, on the fixed image's grid: warped.nii.gz, "
+            "Register a moving 3D image to a fixed one: affine stage (SimpleITK), then instance optimisation of "
+            "a displacement field, from the affine stage alone or (--network-start) from the Residual Aligner "
+            "Network's field. Writes into OUT, on the fixed image's grid: warped.nii.gz, "
             "ddf.nii.gz (ONE ITK displacement field holding the whole mapping, affine included: it maps a "
             "FIXED-space point p to the MOVING-space point p + w(p), so warped(p) = moving(p + w(p)); "
             "sitk.DisplacementFieldTransform, antsApplyTransforms -t ddf.nii.gz and Slicer apply it alone), "
