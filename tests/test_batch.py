@@ -25,7 +25,9 @@ from ran_bundle.inputs import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 #: quick pipeline options for the small pairs
-FAST = ["--spacing", "6", "--intensity", "ct", "--affine", "none", "--io-iterations", "2", "2", "--threads", "1"]
+# the network's step (--network-start) keeps a pair long enough for the SIGKILL test to land inside one
+FAST = ["--spacing", "6", "--intensity", "ct", "--affine", "none", "--network-start", "--io-iterations", "2", "2",
+        "--threads", "1"]  # fmt: skip
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 

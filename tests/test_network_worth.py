@@ -1,12 +1,13 @@
-"""The network earns its place in the pipeline: its field is a better start than no field.
+"""Whether the network earns its place in the pipeline: is its field a better start than no field?
 
 On a validation pair of ``configs/datalists/brain_mindboggle.json`` (Mindboggle-101 OASIS-TRT-20 subjects 10 -> 11,
 Klein & Tourville 2012, CC BY-NC-SA 3.0; read from ``../shared/data``, skipped when absent), made 2 mm so that the
 test is quick, through ``ran-register``'s pipeline steps with one affine stage shared by every row:
 
 - the shipped network's field alone scores a higher Dice than a zero field (the affine stage alone);
-- instance optimisation started from the network's field scores a higher Dice than the same optimisation (same
-  iterations) started from a zero field (``ran-register --no-network``).
+- instance optimisation started from the network's field scores at least 0.02 more Dice than the same optimisation
+  (same iterations) started from a zero field (``ran-register``'s default start): expected to fail (xfail) until
+  the network earns its place.
 
 Dice: mean over the labels of at least 100 voxels on the fixed image's grid (the report's ``mean_registered_100``).
 """
@@ -68,7 +69,7 @@ def test_network_start_beats_a_zero_start_on_a_validation_pair(shared_data: Path
         for key in ("fixed_image", "moving_image", "fixed_label", "moving_label")
     }
     torch.set_num_threads(2)
-    pipe = RegistrationPipeline(io_iterations=(15, 20), progress=False)
+    pipe = RegistrationPipeline(io_iterations=(15, 20), io_start="network", progress=False)
     inputs = pipe.check_inputs(files["fixed_image"], files["moving_image"], files["fixed_label"], files["moving_label"])
     affine = pipe.run_affine(inputs)
     network_pair = pipe.preprocess(inputs, affine)
@@ -87,8 +88,10 @@ def test_network_start_beats_a_zero_start_on_a_validation_pair(shared_data: Path
     }
     print({k: round(v, 4) for k, v in scores.items()})
     assert scores["network"] > scores["zero"] + 0.02, scores
-    if scores["IO from the network"] <= scores["IO from zero"]:
-        # issue 21's target, not met by the 0.4.0 weights (docs/results.md, "The network's worth"): strict, so that
-        # weights that meet it make this test fail until the expectation is turned into a plain assertion
-        pytest.xfail(f"IO from the network's start is not yet above IO from zero: {scores}")
+    if scores["IO from the network"] < scores["IO from zero"] + 0.02:
+        # issue 21's target (IO from the network >= IO from zero + 0.02), not met by the 0.4.0 weights: on the 6
+        # validation pairs at 1 mm, 20 + 25 iterations, zero 0.630 against 0.625, zero ahead on every pair; on this
+        # 2 mm pair the two lie within 0.003 either way. Strict, so that weights that meet the target make this
+        # test fail until the expectation is turned into a plain assertion
+        pytest.xfail(f"IO from the network's start is not yet 0.02 above IO from zero: {scores}")
     pytest.fail(f"IO from the network now beats IO from zero: make it an assertion. {scores}")
