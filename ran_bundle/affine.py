@@ -38,10 +38,10 @@ __all__ = [
 ]
 
 AFFINE_STAGES = ("affine", "rigid", "none")
+"""``"affine"``: rigid, then affine; ``"rigid"``: rigid only; ``"none"``: identity (or the initial transform)."""
 #: the fewest voxels per axis the working grid keeps: coarser, a small image leaves too few metric samples at the
 #: pyramid's coarse level
 MIN_WORKING_VOXELS = 32
-"""``"affine"``: rigid, then affine; ``"rigid"``: rigid only; ``"none"``: identity (or the initial transform)."""
 
 
 @dataclass

@@ -215,7 +215,7 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     :func:`add_pipeline_options` and ``--quiet`` (the device is left to the caller). ``--longitudinal`` fills
     the options the user left out with :data:`LONGITUDINAL`."""
     preset = LONGITUDINAL if args.longitudinal else {}
-    # io_weight, io_start: the pipeline's own, per similarity
+    # io_weight (per similarity) and io_start (by what is asked for): the pipeline's own
     defaults = {"affine": PIPELINE_DEFAULTS.affine, "io_iterations": PIPELINE_DEFAULTS.io_iterations}
 
     def value(name: str):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ran_bundle.defaults import PRESET_NAMES
 from ran_bundle.flow import spacing_of
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ __all__ = [
     "check_label_not_empty",
     "check_subject_files",
     "read_state_dict",
+    "check_preset",
     "check_state_dict_fits",
     "parse_spacing",
     "resolve_device",
@@ -416,6 +418,13 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+def check_preset(preset: str) -> None:
+    """Raise :class:`InputError` unless ``preset`` names a RAN preset (:data:`ran_bundle.defaults.PRESET_NAMES`),
+    without importing the network."""
+    if preset not in PRESET_NAMES:
+        raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESET_NAMES)}.")
+
+
 def load_network(
     weights: str | os.PathLike, preset: str = "ref", device: torch.device | str = "cpu"
 ) -> ResidualAlignerNetwork:
@@ -431,11 +440,10 @@ def load_network(
         InputError: unknown preset, file missing, truncated or unreadable, not a state dict, or not fitting
             the preset (missing/unexpected keys or shape mismatches, the first few named).
     """
+    check_preset(preset)
     # imported here: the network's blocks pull in MONAI, whose import (about 4 s) a run without it skips
-    from ran_bundle.networks import PRESETS, ResidualAlignerNetwork
+    from ran_bundle.networks import ResidualAlignerNetwork
 
-    if preset not in PRESETS:
-        raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESETS)}.")
     state = read_state_dict(weights)
     net = ResidualAlignerNetwork(spatial_dims=3, preset=preset)
     check_state_dict_fits(

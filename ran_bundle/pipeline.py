@@ -47,7 +47,7 @@ import SimpleITK as sitk
 import torch
 
 from ran_bundle.affine import AFFINE_STAGES, AffineResult, read_transform, register_affine, write_transform
-from ran_bundle.defaults import PIPELINE_DEFAULTS, PRESET_NAMES
+from ran_bundle.defaults import PIPELINE_DEFAULTS
 from ran_bundle.fields import write_displacement_nifti, write_image_atomic
 from ran_bundle.flow import (
     apply_matrix,
@@ -64,6 +64,7 @@ from ran_bundle.flow import (
 from ran_bundle.inputs import (
     InputError,
     Volume,
+    check_preset,
     check_same_grid,
     load_network,
     load_volume,
@@ -265,8 +266,7 @@ class RegistrationPipeline:
             window = []
         if len(window) != 2 or not all(np.isfinite(window)) or window[0] >= window[1]:
             raise InputError(f"--ct-window {ct_window!r}: expected two numbers LOW HIGH (HU) with LOW < HIGH.")
-        if preset not in PRESET_NAMES:
-            raise InputError(f"--preset {preset!r}: unknown; choose one of {sorted(PRESET_NAMES)}.")
+        check_preset(preset)
         if affine not in AFFINE_STAGES:
             raise InputError(f"--affine {affine!r}: expected one of {AFFINE_STAGES}.")
         if similarity not in SIMILARITIES:
@@ -284,8 +284,8 @@ class RegistrationPipeline:
             raise InputError(f"--finetune-steps {finetune_steps!r}: expected a non-negative integer.")
         if finetune_steps and io_start == "zero":
             raise InputError(
-                "--finetune-steps fine-tunes the network: it needs the network's start, which --no-network (and "
-                "--similarity mind by default) leaves out; add --network-start."
+                "--finetune-steps fine-tunes the network: it needs the network's start, which the default start (the "
+                "affine stage alone) and --no-network leave out; add --network-start."
             )
         if not (isinstance(finetune_lr, (int, float)) and finetune_lr > 0):
             raise InputError(f"--finetune-lr {finetune_lr!r}: expected a positive number.")

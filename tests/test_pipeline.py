@@ -495,19 +495,13 @@ def test_scale_intensity_equals_monai_transforms():
         scale_intensity(image, "pet")
 
 
-def test_registration_without_the_network_starts_without_monai(tmp_path):
+def test_registration_without_the_network_starts_without_monai(moved_pair, tmp_path):
     """``ran-register --no-network`` runs without importing MONAI or ignite (about 4 s of its start-up on 2 cores):
     a fresh interpreter registers a phantom pair and lists the modules it loaded."""
     import subprocess
     import sys
 
-    x, y, z = np.meshgrid(*(np.arange(40, dtype=np.float32),) * 3, indexing="ij")
-    for name, shift in (("fixed", 0.0), ("moving", 2.0)):
-        blob = gaussian_filter(
-            ((((x - 20 - shift) / 12) ** 2 + ((y - 19) / 10) ** 2 + ((z - 20) / 11) ** 2) < 1).astype(np.float32), 1.0
-        )
-        write_image_atomic(blob, np.diag([2.0, 2.0, 2.0, 1.0]), tmp_path / f"{name}.nii.gz")
-    argv = ["--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"), "--out",
+    argv = ["--fixed", str(moved_pair["fixed"]), "--moving", str(moved_pair["moving"]), "--out",
             str(tmp_path / "out"), "--no-network", "--io-iterations", "2", "2", "--quiet"]  # fmt: skip
     code = (
         "import sys\nfrom ran_bundle.cli import register_main\n"
